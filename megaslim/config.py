@@ -1,0 +1,218 @@
+"""One config schema for every megaslim command: dataclasses, YAML files and dotted overrides.
+
+Built on OmegaConf structured configs, so unknown keys and wrong types are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from megaslim.errors import MegaslimError
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(MegaslimError, ValueError):
+    """A user-facing configuration error (bad key, bad type, bad value)."""
+
+
+@dataclass
+class ModelConfig:
+    # HF dir | .gguf file | torch_dist checkpoint dir; unset = the embedded SmolLM2-135M-Instruct.
+    load: Optional[str] = None
+    transformer_impl: str = "local"  # local | transformer_engine | modelopt (TE norms + separate linears)
+    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    make_vocab_size_divisible_by: int = 128
+    trust_remote_code: bool = False
+    tokenizer: Optional[str] = None  # HF tokenizer dir; unset = the one that comes with `load`
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    calib_path: Optional[str] = None
+    seq_length: int = 512
+    micro_batch_size: int = 4  # rows per forward for evaluation/calibration passes
+
+
+@dataclass
+class ExportConfigShape:
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    num_layers: Optional[int] = None
+
+
+@dataclass
+class ImportanceConfig:
+    only: bool = False
+    num_samples: int = 1024
+    seq_agg: str = "mean"  # mean | l2 | var
+    batch_agg: str = "l2"  # mean | l2 | var
+    neuron_signal: str = "fc2_input"  # fc2_input | fc1_output
+    layer_metrics: list[str] = field(default_factory=lambda: ["bi"])  # bi | loss
+    layer_loss_samples: int = 64
+    scores_path: Optional[str] = None
+
+
+@dataclass
+class PruneConfig:
+    export_config: ExportConfigShape = field(default_factory=ExportConfigShape)
+    drop_layers: list[int] = field(default_factory=list)
+    target_params: Optional[float] = None
+    fold_heads: bool = False
+    iterative: int = 1
+    target_tensor_model_parallel_size: Optional[int] = None
+    target_pipeline_model_parallel_size: Optional[int] = None
+
+
+@dataclass
+class LoadSpec:
+    load: Optional[str] = None
+
+
+@dataclass
+class DistillConfig:
+    teacher: LoadSpec = field(default_factory=LoadSpec)
+    student: LoadSpec = field(default_factory=LoadSpec)
+    kd_loss_scale: float = 1.0
+    logit_kl_temperature: float = 1.0
+    kl: str = "forward"  # forward | reverse | jsd | topk
+    skip_lm_loss: bool = True
+    intermediate_layer_pairs: list[Any] = field(default_factory=list)
+    fp8: Optional[str] = None  # e4m3 | hybrid
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = 100
+    exit_interval: Optional[int] = None
+    micro_batch_size: int = 4
+    global_batch_size: int = 32
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_iters: int = 10
+    lr_decay_iters: Optional[int] = None
+    clip_grad: float = 1.0
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: Optional[int] = None
+    load: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 64
+    interval: Optional[int] = None
+
+
+@dataclass
+class ExportConfig:
+    hf_dir: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    output_dir: str = "outputs/run"
+    resume: bool = False
+
+
+# Closed vocabularies checked after loading; OmegaConf only checks types.
+_CHOICES = {
+    "model.transformer_impl": ("local", "transformer_engine", "modelopt"),
+    "model.params_dtype": ("float32", "bfloat16", "float16"),
+    "importance.seq_agg": ("mean", "l2", "var"),
+    "importance.batch_agg": ("mean", "l2", "var"),
+    "importance.neuron_signal": ("fc2_input", "fc1_output"),
+    "distill.kl": ("forward", "reverse", "jsd", "topk"),
+    "distill.fp8": (None, "e4m3", "hybrid"),
+}
+_POSITIVE = (
+    "parallel.tensor_model_parallel_size",
+    "parallel.pipeline_model_parallel_size",
+    "data.seq_length",
+    "data.micro_batch_size",
+    "importance.num_samples",
+    "eval.num_samples",
+    "model.make_vocab_size_divisible_by",
+)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {[c for c in choices if c]}")
+    for key in _POSITIVE:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)}")
+    for metric in cfg.importance.layer_metrics:
+        if metric not in ("bi", "loss"):
+            raise ConfigError(f"importance.layer_metrics: {metric!r} is not one of ['bi', 'loss']")
+
+
+def _friendly(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        return ConfigError(f"unknown config key '{key}'")
+    return ConfigError(f"config key '{key}': {msg}" if key else msg)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Schema defaults <- YAML file <- `a.b=c` overrides; returns a validated `Config` dataclass."""
+    try:
+        merged = OmegaConf.structured(Config)
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+        if overrides:
+            for item in overrides:
+                if "=" not in item:
+                    raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _friendly(err) from None
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,90 @@
+"""`ModelArch`: the shape of a Llama-family decoder, independent of where its weights come from."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megaslim.errors import MegaslimError
+
+
+@dataclass
+class ModelArch:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int  # head_dim, always explicit: hidden/heads is wrong once hidden is pruned
+    vocab_size: int
+    max_position_embeddings: int = 2048
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    family: str = "llama"  # HF model_type the weights came from (llama | mistral | qwen2 | qwen3)
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    rope_scaling: Optional[dict] = field(default=None)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArch":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise MegaslimError(f"unknown model architecture fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    def num_params(self) -> int:
+        """Parameter count of the HF model (unpadded vocab; tied embeddings counted once)."""
+        h, f, hd = self.hidden_size, self.ffn_hidden_size, self.kv_channels
+        q, kv = self.num_attention_heads * hd, self.num_query_groups * hd
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        attn += 2 * hd if self.qk_layernorm else 0
+        per_layer = attn + 3 * h * f + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+
+def check_parallel_layout(arch: ModelArch, tp: int, pp: int) -> None:
+    """Refuse TP/PP layouts megatron would mis-shard, before any compute."""
+    problems = []
+    if arch.num_attention_heads % arch.num_query_groups:
+        problems.append(
+            f"num_attention_heads={arch.num_attention_heads} is not a multiple of "
+            f"num_query_groups={arch.num_query_groups}"
+        )
+    if arch.num_query_groups < tp:
+        problems.append(
+            f"num_query_groups={arch.num_query_groups} < TP={tp} (megatron would shard through a group)"
+        )
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if getattr(arch, name) % tp:
+            problems.append(f"{name}={getattr(arch, name)} is not divisible by TP={tp}")
+    if arch.num_layers % pp:
+        problems.append(f"num_layers={arch.num_layers} is not divisible by PP={pp}")
+    if problems:
+        divisors = [d for d in range(1, arch.num_query_groups + 1) if _fits(arch, d)]
+        raise MegaslimError(
+            f"parallel layout TP={tp} PP={pp} does not fit the model: " + "; ".join(problems)
+            + f". TP sizes that fit: {divisors}"
+        )
+
+
+def _fits(arch: ModelArch, tp: int) -> bool:
+    return all(
+        getattr(arch, n) % tp == 0
+        for n in ("num_attention_heads", "num_query_groups", "ffn_hidden_size")
+    )

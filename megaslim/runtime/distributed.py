@@ -1,0 +1,130 @@
+"""Distributed init from the torchrun environment (nccl on GPU, gloo on CPU) and megatron model parallel."""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megaslim.errors import MegaslimError
+from megaslim.runtime.cpu_shims import apply_cpu_shims
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_layout(world_size: int, tp: int, pp: int) -> int:
+    """Data-parallel size, or a clear error if the world does not factor as tp * pp * dp."""
+    if tp < 1 or pp < 1:
+        raise MegaslimError(f"tensor/pipeline parallel sizes must be >= 1 (got TP={tp}, PP={pp})")
+    if world_size % (tp * pp):
+        raise MegaslimError(
+            f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}; "
+            f"launch with --nproc-per-node a multiple of {tp * pp}"
+        )
+    return world_size // (tp * pp)
+
+
+def init_runtime(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> Runtime:
+    """Initialise torch.distributed and megatron's parallel state; works with or without torchrun."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    dp = check_layout(world, tp, pp)
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        apply_cpu_shims()
+        # torchrun pins OMP_NUM_THREADS=1; share the cores among the local ranks instead.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        device, backend = torch.device("cpu"), "gloo"
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return Runtime(rank, world, local_rank, tp, pp, dp, device, backend)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank0_print(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def main_guard(main: Callable[[], None]) -> None:
+    """Run a launcher's main. Any exception on any rank ends this process at once with exit code 1
+    (torchrun then stops the other ranks), so a failing rank never leaves the job hanging on a
+    collective. User errors print one line; others print the traceback, prefixed with the rank."""
+    rank = os.environ.get("RANK", "0")
+    try:
+        main()
+    except SystemExit:
+        raise
+    except MegaslimError as err:
+        prefix = "" if rank == "0" else f"[rank {rank}] "
+        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        os._exit(2)
+    except BaseException:  # noqa: BLE001 - report and bail out of every collective
+        sys.stderr.write(f"[rank {rank}] " + traceback.format_exc())
+        sys.stderr.flush()
+        os._exit(1)
+    else:
+        destroy()
