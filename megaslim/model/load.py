@@ -78,7 +78,7 @@ def resolve_source(load: Optional[str]) -> Source:
         return Source("hf", d, d, str(load))
     if (path / "config.json").is_file():
         return Source("hf", path, path, str(load))
-    from megaslim import checkpoint_format
+    from megaslim import checkpoint as checkpoint_format
 
     if checkpoint_format.is_checkpoint(path):
         meta = checkpoint_format.read_meta(path)
@@ -95,7 +95,7 @@ def source_arch(source: Source) -> ModelArch:
 
     if source.kind == "hf":
         return hf.arch_from_hf_config(hf.read_hf_config(source.path))
-    from megaslim import checkpoint_format
+    from megaslim import checkpoint as checkpoint_format
 
     return ModelArch.from_dict(checkpoint_format.read_meta(source.path)["arch"])
 
@@ -112,7 +112,7 @@ def load_model(model_cfg: ModelConfig, source: Optional[Source] = None):
     if source.kind == "hf":
         load_full_state(model, hf.hf_fetcher(hf.HFReader(source.path), arch))
     else:
-        from megaslim import checkpoint_format
+        from megaslim import checkpoint as checkpoint_format
 
         checkpoint_format.load_into(model, source.path)
     model.eval()

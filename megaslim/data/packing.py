@@ -1,0 +1,59 @@
+"""Documents -> packed token rows (the pinned evaluation/calibration protocol of DESIGN section 3).
+
+Documents in file order, tokenized without BOS, EOS after each document, concatenated, cut into rows
+of seq_length + 1 tokens that overlap by one token (megatron GPTDataset convention: every token of the
+stream but the first is predicted exactly once).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from megaslim.errors import MegaslimError
+
+
+def read_documents(path: str | Path) -> Iterator[str]:
+    """Documents of a `.jsonl` (one JSON object per line with a "text" field) or a `.txt` (one doc)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MegaslimError(f"data file not found: {p}")
+    if p.suffix == ".jsonl":
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise MegaslimError(f"{p}:{lineno}: not a JSON object with a \"text\" field") from None
+                yield text
+    elif p.suffix == ".txt":
+        yield p.read_text(encoding="utf-8")
+    else:
+        raise MegaslimError(f"{p}: unsupported data file (expected .jsonl with \"text\", or .txt)")
+
+
+def pack_rows(docs, tokenizer, *, seq_length: int, num_rows: int, eos_id: int | None = None,
+              what: str = "data") -> torch.Tensor:
+    """[num_rows, seq_length + 1] int64 rows; tokenizes only as many documents as needed."""
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise MegaslimError("the tokenizer has no EOS token; cannot separate documents")
+    need = num_rows * seq_length + 1
+    stream: list[int] = []
+    for text in docs:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise MegaslimError(
+            f"{what}: found {len(stream)} tokens, but {num_rows} rows of {seq_length} tokens need {need}; "
+            "give a longer corpus or ask for fewer samples / a shorter data.seq_length"
+        )
+    flat = torch.tensor(stream[:need], dtype=torch.long)
+    idx = torch.arange(num_rows).unsqueeze(1) * seq_length + torch.arange(seq_length + 1)
+    return flat[idx]

@@ -1,0 +1,47 @@
+"""Held-out loss / perplexity of a (TP/PP/DP-sharded) megatron model on packed rows."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from megaslim.model.forward import make_microbatches, run_forward
+from megaslim.model.logits import vocab_parallel_ce
+
+
+def evaluate_rows(model, rows: torch.Tensor, *, vocab_size: int, micro_batch_size: int) -> dict:
+    """Mean next-token loss over every predicted token of `rows` [n, S+1]; rows are split over DP.
+    Every rank returns the same numbers."""
+    from megatron.core import parallel_state as ps
+
+    t0 = time.time()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = rows[dp_rank::dp]
+    seq_length = rows.shape[1] - 1
+
+    def on_output(batch, logits):  # logits [b, s, V/TP]
+        loss = vocab_parallel_ce(logits, batch["labels"], vocab_size)
+        mask = batch["loss_mask"]
+        return {"sum": (loss.double() * mask).sum(), "count": mask.sum().double()}
+
+    outs = run_forward(model, make_microbatches(mine, micro_batch_size), on_output,
+                       seq_length=seq_length, micro_batch_size=micro_batch_size) if len(mine) else []
+    total = torch.zeros(2, dtype=torch.float64)
+    # Only one rank per (last stage, DP replica) contributes, so a world all-reduce gives the total.
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for o in outs:
+            total += torch.stack([o["sum"].cpu(), o["count"].cpu()])
+    dev = next(model.parameters()).device
+    total = total.to(dev)
+    dist.all_reduce(total)
+    loss = (total[0] / total[1]).item()
+    return {
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "tokens": int(total[1].item()),
+        "seq_length": seq_length,
+        "num_samples": int(rows.shape[0]),
+        "seconds": time.time() - t0,
+    }

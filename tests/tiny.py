@@ -1,0 +1,28 @@
+"""Tiny random HF Llama models for tests (8 heads in 4 groups, so TP=2 and group pruning work)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_tiny_llama(path: str | Path, *, seed: int = 0, tie: bool = True, layers: int = 4,
+                    hidden: int = 64, heads: int = 8, groups: int = 4, ffn: int = 128,
+                    vocab: int = 250, family: str = "llama") -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    cfg = AutoConfig.for_model(
+        family, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=groups,
+        head_dim=hidden // heads, rope_theta=10000.0, tie_word_embeddings=tie,
+        max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms so a mis-mapped norm weight is caught
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
