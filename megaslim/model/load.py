@@ -63,6 +63,10 @@ def default_model_dir() -> Path:
     return gguf_to_hf(gguf)
 
 
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 def resolve_source(load: Optional[str]) -> Source:
     """Turn `model.load` into a directory of weights, with a clear error for anything unusable."""
     if load is None:
@@ -77,7 +81,7 @@ def resolve_source(load: Optional[str]) -> Source:
         d = gguf_to_hf(path)
         return Source("hf", d, d, str(load))
     if (path / "config.json").is_file():
-        return Source("hf", path, path, str(load))
+        return Source("hf", path, path if _has_tokenizer(path) else None, str(load))
     from megaslim import checkpoint as checkpoint_format
 
     if checkpoint_format.is_checkpoint(path):

@@ -42,7 +42,7 @@ def load_full_state(model, fetch: Callable[[str], torch.Tensor]) -> None:
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for name, param in named_params(model):
         full = fetch(name)
-        piece = shard(full, layout_of(name), tp_rank, tp, padded_rows=param.shape[0])
+        piece = shard(full, layout_of(name), tp_rank, tp, padded_rows=param.shape[0] * tp)
         if piece.shape != param.shape:
             raise ValueError(f"{name}: source gives {tuple(piece.shape)}, model expects {tuple(param.shape)}")
         param.copy_(piece.to(param.dtype))

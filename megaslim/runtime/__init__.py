@@ -9,3 +9,10 @@ from megaslim.runtime.distributed import (
 )
 
 __all__ = ["Runtime", "apply_cpu_shims", "destroy", "init_runtime", "main_guard", "rank0_print"]
+
+import warnings as _warnings
+
+# megatron-core warns at import about optional CUDA extensions (apex, TE) that CPU runs never have.
+for _msg in (r".*(Apex|Transformer Engine)( and Apex)? (is|are) not installed.*",
+             r".*full scope is deprecated.*"):
+    _warnings.filterwarnings("ignore", message=_msg)
