@@ -61,7 +61,7 @@ def pack_rows(docs, tokenizer, *, seq_length: int, num_rows: int, eos_id: int | 
             stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
             stream.append(eos)
         else:
-            stream.extend(int(t) for t in text)
+            stream.extend(text.tolist() if hasattr(text, "tolist") else map(int, text))
         if len(stream) >= need:
             break
     if len(stream) < need:

@@ -1,0 +1,48 @@
+import pytest
+
+from megaslim.config import ConfigError, load_config
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("parallel:\n  tensor_model_parallel_size: 2\ndata:\n  seq_length: 128\n")
+    cfg = load_config(f, ["data.seq_length=64", "prune.export_config.hidden_size=448"])
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.data.seq_length == 64  # the command line wins over the file
+    assert cfg.prune.export_config.hidden_size == 448
+    assert cfg.importance.batch_agg == "l2" and cfg.importance.seq_agg == "mean"
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["parallel.tensor_parallel=2"], "parallel.tensor_parallel"),
+    (["nosuchsection.x=1"], "nosuchsection"),
+    (["parallel.tensor_model_parallel_size=two"], "parallel.tensor_model_parallel_size"),
+    (["importance.seq_agg=max"], "importance.seq_agg"),
+    (["data.seq_length=0"], "data.seq_length"),
+    (["importance.layer_metrics=[bi,foo]"], "foo"),
+    (["model.transformer_impl=apex"], "model.transformer_impl"),
+])
+def test_bad_keys_and_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, override)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  learning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        load_config(f)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert files, "configs/ should ship presets"
+    for f in files:
+        load_config(f)
