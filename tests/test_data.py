@@ -89,29 +89,32 @@ def test_archive_reader_skips_traversal_and_links(tmp_path):
 
 
 # ---------------------------------------------------------------- preprocessing + GPTDataset
-def test_preprocess_then_gptdataset_gives_the_tokenized_stream(tok, smollm2_dir, train_slice, tmp_path):
-    prefix = tmp_path / "out" / "slice"
-    cmd = [sys.executable, str(ROOT / "launch" / "preprocess_data.py"), f"model.tokenizer={smollm2_dir}",
-           "--input", str(train_slice), "--output-prefix", str(prefix), "--workers", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+def test_preprocess_default_corpora_then_gptdataset_gives_the_tokenized_stream(tok, smollm2_dir, corpus_files,
+                                                                              tmp_path):
+    out = tmp_path / "out"
+    launcher = [sys.executable, str(ROOT / "launch" / "preprocess_data.py"), f"model.tokenizer={smollm2_dir}"]
+    proc = subprocess.run(launcher + [f"output_dir={out}", "--workers", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "out" / "preprocess.json").read_text())
-    docs = direct_tokens(tok, train_slice)
-    assert report["outputs"][0]["documents"] == 40
-    assert report["outputs"][0]["tokens"] == sum(map(len, docs))
-    assert sorted(os.listdir(tmp_path / "out")) == ["preprocess.json", "slice.bin", "slice.idx"]
+    assert sorted(os.listdir(out)) == ["preprocess.json", "train.bin", "train.idx", "valid.bin", "valid.idx"]
+    report = {o["key"]: o for o in json.loads((out / "preprocess.json").read_text())["outputs"]}
 
-    # stored documents == direct tokenization (multiprocess order kept, EOS appended)
-    stored = [d.tolist() for d in read_documents(prefix)]
-    assert stored == docs
+    # stored documents == direct tokenization, EOS appended, multiprocess order kept
+    for key, split in (("data.train_path", "train"), ("data.eval_path", "valid")):
+        texts = list(read_documents(corpus_files[split]))
+        direct = [ids + [tok.eos_token_id] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        assert [d.tolist() for d in read_documents(out / split)] == direct, split
+        assert report[key]["documents"] == len(texts) and report[key]["tokens"] == sum(map(len, direct))
+    docs = [d.tolist() for d in read_documents(out / "valid")]
 
-    # a second run refuses to overwrite
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    # an existing prefix is never overwritten by accident
+    again = subprocess.run(launcher + ["--input", str(corpus_files["valid"]), "--output-prefix", str(out / "valid")],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 2 and "already exists" in again.stderr
 
     # GPTDataset samples are windows of the stream of documents in megatron's (shuffled) order
     seq = 128
-    ds = loaders.gpt_dataset(prefix, tok, seq_length=seq, num_samples=300, seed=7, cache_path=tmp_path / "c")
+    ds = loaders.gpt_dataset(out / "valid", tok, seq_length=seq, num_samples=300, seed=7, cache_path=tmp_path / "c")
     stream = np.concatenate([np.asarray(docs[d]) for d in ds.document_index])
     assert len(ds) >= 300
     for i in range(len(ds)):
@@ -122,7 +125,7 @@ def test_preprocess_then_gptdataset_gives_the_tokenized_stream(tok, smollm2_dir,
         assert torch.equal(s["position_ids"], torch.arange(seq))
         assert bool((s["loss_mask"] == 1).all())  # EOS is a target too; -1 padding never occurs
     # the cached sample index is reused: a second build gives the same order
-    ds2 = loaders.gpt_dataset(prefix, tok, seq_length=seq, num_samples=300, seed=7, cache_path=tmp_path / "c")
+    ds2 = loaders.gpt_dataset(out / "valid", tok, seq_length=seq, num_samples=300, seed=7, cache_path=tmp_path / "c")
     assert np.array_equal(ds2.shuffle_index, ds.shuffle_index)
 
     # micro-batches: DP ranks partition each round of mbs * dp samples; resume skips whole rounds
@@ -137,10 +140,19 @@ def test_preprocess_then_gptdataset_gives_the_tokenized_stream(tok, smollm2_dir,
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(resumed, ranks[1][2:], strict=True))
 
     # the prefix is also a data path for packed rows (evaluation, calibration): same rows as the text
-    assert torch.equal(pack_rows(read_documents(prefix), tok, seq_length=64, num_rows=20),
-                       pack_rows(read_documents(train_slice), tok, seq_length=64, num_rows=20))
-    assert torch.equal(pack_rows(read_documents(f"{prefix}.idx"), tok, seq_length=64, num_rows=3),
-                       pack_rows(read_documents(train_slice), tok, seq_length=64, num_rows=3))
+    for name in ("valid", "valid.idx"):
+        assert torch.equal(pack_rows(read_documents(out / name), tok, seq_length=64, num_rows=40),
+                           pack_rows(read_documents(corpus_files["valid"]), tok, seq_length=64, num_rows=40))
+
+
+def test_cached_indexed_tokenizes_once(tok, train_slice, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGASLIM_CACHE", str(tmp_path / "cache"))
+    prefix = indexed.cached_indexed(train_slice, tok, workers=1)
+    assert prefix.startswith(str(tmp_path / "cache" / "indexed"))
+    assert [d.tolist() for d in read_documents(prefix)] == direct_tokens(tok, train_slice)
+    stamp = os.stat(prefix + ".idx").st_mtime_ns
+    assert indexed.cached_indexed(train_slice, tok) == prefix and os.stat(prefix + ".idx").st_mtime_ns == stamp
+    assert indexed.cached_indexed(prefix, tok) == prefix  # an indexed prefix is used as is
 
 
 def test_loader_on_two_ranks_matches_one(tok, smollm2_dir, train_slice, tmp_path):
@@ -156,7 +168,7 @@ def test_loader_on_two_ranks_matches_one(tok, smollm2_dir, train_slice, tmp_path
     r0, r1 = (torch.load(tmp_path / "o2" / f"rank{r}.pt") for r in (0, 1))
     assert len(one) == 12 and len(r0) == len(r1) == 6
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
-        two = torch.cat([b[key] for pair in zip(r0, r1) for b in pair])
+        two = torch.cat([b[key] for pair in zip(r0, r1, strict=True) for b in pair])
         assert torch.equal(two, torch.cat([b[key] for b in one])), key
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from megaslim.errors import MegaslimError
 
+_IDX_HEADER = b"MMIDIDX\x00\x00"  # megatron's .idx magic (indexed_dataset._INDEX_HEADER)
 _TOKENIZER = _EOS = None  # the pool worker's tokenizer and EOS id (set once per process by _init_worker)
 
 
@@ -39,6 +40,10 @@ def open_indexed(prefix: str | os.PathLike):
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 
     prefix = os.fspath(prefix)
+    with open(f"{prefix}.idx", "rb") as f:
+        header = f.read(len(_IDX_HEADER))
+    if header != _IDX_HEADER:  # checked here: megatron asserts, then trips in its own __del__
+        raise MegaslimError(f"{prefix}.idx: not a readable megatron indexed dataset (bad header)")
     try:
         ds = IndexedDataset(prefix, mmap=True)
     except (AssertionError, ValueError, OSError, KeyError) as err:
@@ -68,9 +73,11 @@ def num_tokens(prefix: str | os.PathLike) -> int:
     return int(open_indexed(prefix).sequence_lengths.astype(np.int64).sum())
 
 
-def _init_worker(tokenizer, eos_id: int) -> None:
+def _init_worker(tokenizer, eos_id: int, in_pool: bool = False) -> None:
     global _TOKENIZER, _EOS
     _TOKENIZER, _EOS = tokenizer, eos_id
+    if in_pool:  # one document per call: Rust-side threads would only oversubscribe the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _encode(text: str) -> np.ndarray:
@@ -91,7 +98,8 @@ def write_indexed(docs: Iterable[str], tokenizer, out_prefix: str | os.PathLike,
     """Tokenize `docs` (EOS after each) into `out_prefix.{bin,idx}`; returns {documents, tokens}.
 
     `workers` > 1 tokenizes in a process pool (each worker gets a copy of the tokenizer once);
-    documents keep their order. Existing files at `out_prefix` are replaced atomically."""
+    documents keep their order. Existing files at `out_prefix` are replaced only once the new
+    pair is complete, and a failure leaves no temporary files."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
@@ -104,13 +112,11 @@ def write_indexed(docs: Iterable[str], tokenizer, out_prefix: str | os.PathLike,
     tmp = f"{out_prefix}.tmp{os.getpid()}"
     n_docs = n_tokens = 0
     pool = None
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
     try:
-        builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
         if workers > 1:
-            # the pool inherits or unpickles the tokenizer once; Rust-side threads would only
-            # oversubscribe the cores next to the pool
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            pool = mp.Pool(workers, initializer=_init_worker, initargs=(tokenizer, eos))
+            # each worker inherits or unpickles the tokenizer once, not once per document
+            pool = mp.Pool(workers, initializer=_init_worker, initargs=(tokenizer, eos, True))
             encoded = pool.imap(_encode, docs, chunksize=chunksize)
         else:
             _init_worker(tokenizer, eos)
@@ -130,6 +136,7 @@ def write_indexed(docs: Iterable[str], tokenizer, out_prefix: str | os.PathLike,
         os.replace(f"{tmp}.bin", f"{out_prefix}.bin")
         os.replace(f"{tmp}.idx", f"{out_prefix}.idx")
     finally:
+        builder.data_file.close()  # finalize() closed it already, unless something failed
         if pool is not None:
             pool.terminate()
         for suffix in (".bin", ".idx"):

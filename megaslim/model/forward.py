@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -30,9 +30,12 @@ def make_microbatches(rows: torch.Tensor, micro_batch_size: int) -> list[dict]:
 
 
 def run_forward(model, microbatches: list[dict], on_output: Callable[[dict, torch.Tensor], dict],
-                *, seq_length: int, micro_batch_size: int) -> list[dict]:
+                *, seq_length: int, micro_batch_size: int,
+                on_batch: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Run forward-only over `microbatches`; on the last stage `on_output(batch, logits_shard)` is
-    called for each micro-batch and its dicts are returned (empty list on other stages)."""
+    called for each micro-batch and its dicts are returned (empty list on other stages).
+    `on_batch(batch)` runs on every stage just before each micro-batch's forward (hooks' context,
+    progress bars)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = next(model.parameters()).device
@@ -42,6 +45,8 @@ def run_forward(model, microbatches: list[dict], on_output: Callable[[dict, torc
 
     def forward_step(data_iterator, model_chunk):
         batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+        if on_batch is not None:
+            on_batch(batch)
         out = model_chunk(batch["tokens"], batch["position_ids"], None)
         return out, partial(loss_func, batch)
 

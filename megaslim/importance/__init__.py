@@ -1,0 +1,1 @@
+"""Minitron activation-based importance: heads, query groups, neurons, channels and layers."""
