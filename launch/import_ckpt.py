@@ -20,6 +20,7 @@ RESULT = "import_ckpt.json"
 def main() -> None:
     cfg = parse_args("Import a model (HF dir | .gguf | checkpoint) as a megatron torch_dist checkpoint")
     from megaslim import checkpoint
+    from megaslim.errors import MegaslimError
     from megaslim.model.arch import check_parallel_layout
     from megaslim.model.load import load_model, resolve_source, source_arch
 
@@ -29,14 +30,18 @@ def main() -> None:
     arch = source_arch(source)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     check_parallel_layout(arch, tp, pp)
+    if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
+        raise MegaslimError(f"model.tokenizer={cfg.model.tokenizer}: no such directory")
+    tokenizer = cfg.model.tokenizer or source.tokenizer_dir
 
     rt = start(cfg)
     timer = Timer()
     model, arch, source = load_model(cfg.model, source)
     path = checkpoint.save_checkpoint(
-        model, arch, out, 0, tokenizer_dir=source.tokenizer_dir,
+        model, arch, out, 0, tokenizer_dir=tokenizer,
         extra={"tool": "import_ckpt", "source": source.label, "source_kind": source.kind})
     seconds = timer.seconds
+    tok_dir = checkpoint.read_meta(path)["tokenizer_dir"]
     result = {
         "source": source.label,
         "source_kind": source.kind,
@@ -44,6 +49,7 @@ def main() -> None:
         "tensor_model_parallel_size": rt.tp,
         "pipeline_model_parallel_size": rt.pp,
         "checkpoint": str(path),
+        "tokenizer_dir": tok_dir,
         "seconds": seconds,
         "arch": arch.to_dict(),
     }
@@ -56,8 +62,9 @@ def main() -> None:
         ("params", arch.num_params()),
         ("TP / PP", f"{rt.tp} / {rt.pp}"),
         ("checkpoint", path),
+        ("tokenizer", tok_dir or "none (set model.tokenizer to include one)"),
         ("result", out / RESULT),
-        ("seconds", round(seconds, 2)),
+        ("seconds (load + save)", round(seconds, 2)),
     ])
 
 

@@ -17,6 +17,8 @@ import pickle
 import re
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -194,6 +196,16 @@ def check_arch(meta: dict, arch: ModelArch) -> None:
 # Save and load (collective: every rank calls these)
 
 
+@contextmanager
+def _quiet_megatron_internals():
+    """megatron's torch_dist strategy calls torch APIs that torch marks deprecated; users cannot act
+    on those warnings, so keep them out of every rank's output."""
+    with warnings.catch_warnings():
+        for message in (r"`(load|save)_state_dict` is deprecated", r"Please use DTensor instead"):
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -241,10 +253,14 @@ def save_checkpoint(model, arch: ModelArch, root: str | Path, iteration: int, *,
     """Save this rank's `model` shard into `root/iter_{iteration:07d}/` (torch_dist) and point `latest`
     at it. `extra`: JSON-able run state kept in megaslim.json. `sharded_extra`: more sharded state
     dicts saved beside "model" (e.g. {"optimizer": ...}); loading them is the caller's business.
-    A process killed at any point leaves the previous checkpoint and `latest` untouched."""
+    A process killed at any point leaves the previous checkpoint and `latest` untouched.
+    megatron's writer starts a `spawn` helper process, so the calling script needs a __main__ guard."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
+    clash = set(sharded_extra or {}) & {"model"}
+    if clash:
+        raise ValueError(f"sharded_extra may not use the reserved keys {sorted(clash)}")
     root = Path(root)
     final = root / iter_name(iteration)
     partial = final.with_name(final.name + ".partial")
@@ -255,12 +271,9 @@ def save_checkpoint(model, arch: ModelArch, root: str | Path, iteration: int, *,
         partial.mkdir()
     dist.barrier()
 
-    state = {"model": model.sharded_state_dict()}
-    clash = set(sharded_extra or {}) & set(state)
-    if clash:
-        raise ValueError(f"sharded_extra may not use the reserved keys {sorted(clash)}")
-    state.update(sharded_extra or {})
-    dist_checkpointing.save(state, str(partial))  # ends with a barrier: every piece is on disk
+    state = {"model": model.sharded_state_dict(), **(sharded_extra or {})}
+    with _quiet_megatron_internals():
+        dist_checkpointing.save(state, str(partial))  # ends with a barrier: every piece is on disk
 
     if rank0:
         from megatron.core import parallel_state as ps
@@ -320,14 +333,17 @@ def load_into(model, path: str | Path, *, iteration: Optional[int] = None,
     # ShardedObjects (`_extra_state`: None for local layers, FP8 scales for TE) are stored as pickles
     # that torch unpickles without restriction; they are not weights, so they are not read.
     request = {k: v for k, v in model.sharded_state_dict().items() if not isinstance(v, ShardedObject)}
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        loaded = dist_checkpointing.load(
-            {"model": request}, meta["path"], strict=StrictHandling.RAISE_UNEXPECTED)
-    except Exception as err:  # noqa: BLE001 - megatron/DCP raise many types; say which checkpoint
-        first = str(err).strip().splitlines()[0][:500] if str(err).strip() else ""
+        with _quiet_megatron_internals():
+            loaded = dist_checkpointing.load(
+                {"model": request}, meta["path"], strict=StrictHandling.RAISE_UNEXPECTED)
+    except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+        cause = _root_cause(err)
         raise MegaslimError(
             f"checkpoint {meta['path']} does not load into this model "
-            f"({type(err).__name__}: {first})") from err
+            f"({type(cause).__name__}: {_first_line(cause)})") from err
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -335,3 +351,18 @@ def load_into(model, path: str | Path, *, iteration: Optional[int] = None,
             f"checkpoint {meta['path']} does not match the model: missing {missing[:5]}, "
             f"unexpected {list(unexpected)[:5]}")
     return meta
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """DCP wraps each rank's exception in a CheckpointException holding {rank: (exc, trace)}."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
+            return first[0]
+    return err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:500] if text else ""

@@ -69,7 +69,10 @@ class ImportanceConfig:
 @dataclass
 class PruneConfig:
     export_config: ExportConfigShape = field(default_factory=ExportConfigShape)
-    drop_layers: list[int] = field(default_factory=list)
+    drop_layers: list[int] = field(default_factory=list)  # explicit source layers to drop
+    layer_metric: str = "bi"  # bi | loss: ranking used for depth pruning without drop_layers
+    drop_contiguous: bool = False  # drop the contiguous block with the least total importance
+    plan_path: Optional[str] = None  # apply a saved PrunePlan JSON instead of building one
     target_params: Optional[float] = None
     fold_heads: bool = False
     iterative: int = 1
@@ -149,6 +152,7 @@ _CHOICES = {
     "importance.batch_agg": ("mean", "l2", "var"),
     "importance.neuron_signal": ("fc2_input", "fc1_output"),
     "distill.kl": ("forward", "reverse", "jsd", "topk"),
+    "prune.layer_metric": ("bi", "loss"),
     "distill.fp8": (None, "e4m3", "hybrid"),
 }
 _POSITIVE = (

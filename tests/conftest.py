@@ -32,3 +32,11 @@ def megatron_tp1():
     from megaslim.runtime import init_runtime
 
     return init_runtime(tp=1, pp=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tok(tmp_path_factory):
+    """A tiny random HF Llama with a small BPE tokenizer (vocab 320), usable by every launcher."""
+    from tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tinytok") / "llama", tokenizer=True, seed=3)

@@ -8,10 +8,14 @@ import torch
 
 def make_tiny_llama(path: str | Path, *, seed: int = 0, tie: bool = True, layers: int = 4,
                     hidden: int = 64, heads: int = 8, groups: int = 4, ffn: int = 128,
-                    vocab: int = 250, family: str = "llama") -> Path:
+                    vocab: int = 250, family: str = "llama", tokenizer: bool = False) -> Path:
+    """With tokenizer=True a byte-level BPE of 320 tokens is trained and saved beside the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    if tokenizer:
+        vocab = 320
+        add_tiny_tokenizer(path, vocab)
     cfg = AutoConfig.for_model(
         family, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=groups,
@@ -26,3 +30,20 @@ def make_tiny_llama(path: str | Path, *, seed: int = 0, tie: bool = True, layers
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     model.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def add_tiny_tokenizer(path: str | Path, vocab: int = 320) -> Path:
+    """Train a small byte-level BPE on public-domain text so tiny models work with the launchers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (Path(__file__).resolve().parent / "data" / "hamlet_excerpt.txt").read_text()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text.splitlines(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(path))
+    return Path(path)

@@ -1,0 +1,1 @@
+"""Structured pruning: plans (what to keep), slicing of full tensors, and the resharding driver."""

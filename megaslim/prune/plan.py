@@ -1,0 +1,169 @@
+"""`PrunePlan`: what to keep in each dimension (global indices, original order) + the pruned shape.
+
+A plan is plain JSON: it can be reviewed, saved, and applied to any checkpoint of the same model at
+any TP/PP. It is built from importance scores and a target shape, or from an explicit layer list.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megaslim.errors import MegaslimError
+from megaslim.importance.scores import ImportanceScores
+from megaslim.model.arch import ModelArch
+
+
+@dataclass
+class PrunePlan:
+    source: dict  # ModelArch.to_dict() of the model the plan applies to
+    target: dict  # ModelArch.to_dict() of the pruned model
+    keep_layers: list[int]  # source layer indices, ascending
+    keep_channels: list[int]  # hidden channels, ascending
+    keep_groups: dict[int, list[int]]  # source layer -> kept query groups, ascending
+    keep_heads: dict[int, list[int]]  # source layer -> kept heads (global head index g*n + j), ascending
+    keep_neurons: dict[int, list[int]]  # source layer -> kept MLP neurons, ascending
+
+    @property
+    def source_arch(self) -> ModelArch:
+        return ModelArch.from_dict(self.source)
+
+    @property
+    def target_arch(self) -> ModelArch:
+        return ModelArch.from_dict(self.target)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrunePlan":
+        d = json.loads(text)
+        for k in ("keep_groups", "keep_heads", "keep_neurons"):
+            d[k] = {int(layer): v for layer, v in d[k].items()}
+        return cls(**d)
+
+    def save(self, path: str | Path) -> Path:
+        from megaslim.cli import atomic_write_text
+
+        return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PrunePlan":
+        return cls.from_json(Path(path).read_text())
+
+    def check_applies_to(self, arch: ModelArch) -> None:
+        if arch.to_dict() != self.source:
+            diff = {k: (v, arch.to_dict().get(k)) for k, v in self.source.items() if arch.to_dict().get(k) != v}
+            raise MegaslimError(f"the prune plan was made for another model: {diff} (plan vs model)")
+
+
+def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, returned in original (ascending) order; ties -> lower index."""
+    order = torch.argsort(-scores.double(), stable=True)
+    return sorted(order[:k].tolist())
+
+
+def target_shape(arch: ModelArch, export_config, *, tp: int, hf_export: bool) -> ModelArch:
+    """The pruned ModelArch, with every target checked (<= source, > 0, divisible) before any compute."""
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+    want = {k: getattr(arch, k) if getattr(export_config, k) is None else getattr(export_config, k) for k in keys}
+    problems = []
+    for k, v in want.items():
+        src = getattr(arch, k)
+        if v <= 0:
+            problems.append(f"prune.export_config.{k}={v} must be > 0")
+        elif v > src:
+            problems.append(f"prune.export_config.{k}={v} is larger than the source's {src}")
+    if problems:
+        raise MegaslimError("; ".join(problems))
+    heads, groups = want["num_attention_heads"], want["num_query_groups"]
+    if heads % groups:
+        raise MegaslimError(f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}")
+    if heads // groups > arch.heads_per_group:
+        raise MegaslimError(
+            f"{heads} heads in {groups} groups needs {heads // groups} heads per group; the source has "
+            f"{arch.heads_per_group} (heads are pruned inside groups). Valid head counts for {groups} groups: "
+            f"{[groups * n for n in range(1, arch.heads_per_group + 1)]}")
+    if groups < tp:
+        raise MegaslimError(f"num_query_groups={groups} < TP={tp}: megatron would shard through a group")
+    for k in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if want[k] % tp:
+            raise MegaslimError(f"prune.export_config.{k}={want[k]} is not divisible by TP={tp}; nearest valid: "
+                                f"{_nearest(want[k], tp, getattr(arch, k))}")
+    if hf_export and want["hidden_size"] % heads:
+        raise MegaslimError(
+            f"transformers refuses hidden_size={want['hidden_size']} with num_attention_heads={heads} "
+            f"(hidden must be a multiple of heads) and export.hf_dir is set; nearest valid hidden sizes: "
+            f"{_nearest(want['hidden_size'], heads, arch.hidden_size)}")
+    return replace(arch, **want)
+
+
+def _nearest(value: int, multiple: int, upper: int) -> list[int]:
+    lo = (value // multiple) * multiple
+    return [v for v in (lo, lo + multiple) if 0 < v <= upper]
+
+
+def choose_layers(scores: Optional[ImportanceScores], arch: ModelArch, num_layers: int, *,
+                  drop_layers: list[int], metric: str, contiguous: bool) -> list[int]:
+    L = arch.num_layers
+    if drop_layers:
+        bad = [i for i in drop_layers if not 0 <= i < L]
+        if bad:
+            raise MegaslimError(f"prune.drop_layers {bad} out of range [0, {L})")
+        keep = [i for i in range(L) if i not in set(drop_layers)]
+        if not keep:
+            raise MegaslimError("prune.drop_layers would drop every layer")
+        return keep
+    if num_layers == L:
+        return list(range(L))
+    if scores is None:
+        raise MegaslimError("depth pruning by importance needs scores")
+    imp = scores.layer_loss if metric == "loss" else scores.layer_bi
+    if imp is None:
+        raise MegaslimError("prune.layer_metric=loss needs importance.layer_metrics to include loss")
+    n_drop = L - num_layers
+    if contiguous:  # the block of n_drop consecutive layers with the least total importance
+        sums = [imp[i:i + n_drop].sum().item() for i in range(L - n_drop + 1)]
+        start = min(range(len(sums)), key=lambda i: (sums[i], i))
+        return [i for i in range(L) if not start <= i < start + n_drop]
+    return _topk_sorted(imp, num_layers)
+
+
+def build_plan(arch: ModelArch, target: ModelArch, scores: Optional[ImportanceScores], *,
+               drop_layers: list[int] = (), layer_metric: str = "bi", contiguous: bool = False) -> PrunePlan:
+    keep_layers = choose_layers(scores, arch, target.num_layers, drop_layers=list(drop_layers),
+                                metric=layer_metric, contiguous=contiguous)
+    target = replace(target, num_layers=len(keep_layers))
+    width_cut = (target.hidden_size, target.ffn_hidden_size, target.num_attention_heads, target.num_query_groups) != \
+        (arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads, arch.num_query_groups)
+    if width_cut and scores is None:
+        raise MegaslimError("width pruning needs importance scores")
+    n_src, n_dst = arch.heads_per_group, target.heads_per_group
+    keep_groups, keep_heads, keep_neurons = {}, {}, {}
+    for layer in keep_layers:
+        if scores is None:
+            keep_groups[layer] = list(range(arch.num_query_groups))
+            keep_heads[layer] = list(range(arch.num_attention_heads))
+            keep_neurons[layer] = list(range(arch.ffn_hidden_size))
+            continue
+        groups = _topk_sorted(scores.query_groups[layer], target.num_query_groups)
+        head_scores = scores.heads[layer].reshape(arch.num_query_groups, n_src)
+        heads = [g * n_src + j for g in groups for j in _topk_sorted(head_scores[g], n_dst)]
+        keep_groups[layer], keep_heads[layer] = groups, heads
+        keep_neurons[layer] = _topk_sorted(scores.neurons[layer], target.ffn_hidden_size)
+    channels = (list(range(arch.hidden_size)) if scores is None
+                else _topk_sorted(scores.channels, target.hidden_size))
+    return PrunePlan(source=arch.to_dict(), target=target.to_dict(), keep_layers=keep_layers,
+                     keep_channels=channels, keep_groups=keep_groups, keep_heads=keep_heads,
+                     keep_neurons=keep_neurons)
+
+
+def flops_per_token(arch: ModelArch, seq_length: int) -> int:
+    """Forward FLOPs per token (2 x multiply-adds of every matmul incl. attention scores and logits)."""
+    h, f, hd = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
+    q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
+    per_layer = 2 * (h * (q + 2 * kv) + q * h + 3 * h * f) + 2 * 2 * seq_length * q
+    return arch.num_layers * per_layer + 2 * h * arch.vocab_size

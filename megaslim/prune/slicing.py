@@ -1,0 +1,88 @@
+"""Slice full logical megatron tensors by a PrunePlan: the one table of which dimension each tensor carries.
+
+Works on the tensors of whatever this pipeline stage holds (global names); layers are renumbered.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from megaslim.model.arch import ModelArch
+from megaslim.prune.plan import PrunePlan
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def _heads_in_order(arch: ModelArch, groups: list[int], heads: list[int]) -> list[int]:
+    """Kept heads ordered group by group (in `groups` order), keeping their order inside a group;
+    linear_qkv rows and linear_proj columns must both follow this order."""
+    n = arch.heads_per_group
+    return [h for g in groups for h in heads if h // n == g]
+
+
+def _qkv_rows(arch: ModelArch, groups: list[int], heads: list[int]) -> torch.Tensor:
+    """Row indices of linear_qkv to keep: per kept group, its kept q heads then k and v ([q_1..q_n, k, v])."""
+    n, hd = arch.heads_per_group, arch.kv_channels
+    ordered = _heads_in_order(arch, groups, heads)
+    rows = []
+    for g in groups:
+        base = g * (n + 2) * hd
+        slots = [h - g * n for h in ordered if h // n == g] + [n, n + 1]  # q heads, then k, v
+        for slot in slots:
+            rows.extend(range(base + slot * hd, base + (slot + 1) * hd))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _head_cols(arch: ModelArch, groups: list[int], heads: list[int]) -> torch.Tensor:
+    hd = arch.kv_channels
+    return torch.tensor([h * hd + d for h in _heads_in_order(arch, groups, heads) for d in range(hd)],
+                        dtype=torch.long)
+
+
+def slice_tensor(suffix: str, t: torch.Tensor, layer: int | None, plan: PrunePlan, arch: ModelArch) -> torch.Tensor:
+    """The pruned version of one full tensor. `suffix` is the name without `decoder.layers.{i}.`."""
+    ch = torch.tensor(plan.keep_channels, dtype=torch.long)
+    if layer is None:
+        if suffix in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            return t[:, ch]
+        if suffix == "decoder.final_layernorm.weight":
+            return t[ch]
+        raise KeyError(f"no pruning rule for {suffix!r}")
+    groups, heads, neurons = plan.keep_groups[layer], plan.keep_heads[layer], plan.keep_neurons[layer]
+    if suffix in ("input_layernorm.weight", "pre_mlp_layernorm.weight",
+                  "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"):
+        return t[ch]
+    if suffix == "self_attention.linear_qkv.weight":
+        return t[_qkv_rows(arch, groups, heads)][:, ch]
+    if suffix == "self_attention.linear_qkv.bias":
+        return t[_qkv_rows(arch, groups, heads)]
+    if suffix in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"):
+        return t  # per-head-dim norms: head_dim is never pruned
+    if suffix == "self_attention.linear_proj.weight":
+        return t[ch][:, _head_cols(arch, groups, heads)]
+    if suffix == "mlp.linear_fc1.weight":  # full = [gate; up]: a neuron is gate row i and up row i
+        gate, up = t.chunk(2, 0)
+        nr = torch.tensor(neurons, dtype=torch.long)
+        return torch.cat([gate[nr], up[nr]], 0)[:, ch]
+    if suffix == "mlp.linear_fc2.weight":
+        return t[ch][:, torch.tensor(neurons, dtype=torch.long)]
+    raise KeyError(f"no pruning rule for {suffix!r}")
+
+
+def prune_state(state: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, torch.Tensor]:
+    """Full logical tensors (global names) -> pruned full tensors (renumbered global names).
+    Tensors of dropped layers are left out."""
+    arch = plan.source_arch
+    new_index = {old: new for new, old in enumerate(plan.keep_layers)}
+    out = {}
+    for name, t in state.items():
+        m = _LAYER.match(name)
+        if m is None:
+            out[name] = slice_tensor(name, t, None, plan, arch).contiguous()
+            continue
+        layer, suffix = int(m.group(1)), m.group(2)
+        if layer not in new_index:
+            continue
+        out[f"decoder.layers.{new_index[layer]}.{suffix}"] = slice_tensor(suffix, t, layer, plan, arch).contiguous()
+    return out
