@@ -319,9 +319,11 @@ def _megatron_version() -> str:
 
 
 def load_into(model, path: str | Path, *, iteration: Optional[int] = None,
-              arch: Optional[ModelArch] = None) -> dict:
+              arch: Optional[ModelArch] = None, sharded_extra: Optional[dict] = None) -> dict:
     """Load the latest (or given) checkpoint into this rank's `model` shard at the current TP/PP.
-    Strict: every model tensor must come from the checkpoint. Returns the checkpoint's metadata."""
+    Strict: every model tensor must come from the checkpoint. Returns the checkpoint's metadata;
+    `sharded_extra` (e.g. {"optimizer": its sharded state dict}) is loaded too and returned in
+    meta["loaded_extra"] for the caller to apply (a resume reads its own run's state this way)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -338,7 +340,8 @@ def load_into(model, path: str | Path, *, iteration: Optional[int] = None,
     try:
         with _quiet_megatron_internals():
             loaded = dist_checkpointing.load(
-                {"model": request}, meta["path"], strict=StrictHandling.RAISE_UNEXPECTED)
+                {"model": request, **(sharded_extra or {})}, meta["path"],
+                strict=StrictHandling.RAISE_UNEXPECTED)
     except (Exception, CheckpointException) as err:  # DCP's is a BaseException
         cause = _root_cause(err)
         raise MegaslimError(
@@ -350,6 +353,7 @@ def load_into(model, path: str | Path, *, iteration: Optional[int] = None,
         raise MegaslimError(
             f"checkpoint {meta['path']} does not match the model: missing {missing[:5]}, "
             f"unexpected {list(unexpected)[:5]}")
+    meta["loaded_extra"] = {k: loaded[k] for k in (sharded_extra or {})}
     return meta
 
 

@@ -93,7 +93,10 @@ class DistillConfig:
     logit_kl_temperature: float = 1.0
     kl: str = "forward"  # forward | reverse | jsd | topk
     skip_lm_loss: bool = True
-    intermediate_layer_pairs: list[Any] = field(default_factory=list)
+    intermediate_layer_pairs: list[Any] = field(default_factory=list)  # [[student_layer, teacher_layer], ...]
+    intermediate_loss: str = "cosine"  # cosine | mse
+    jsd_beta: float = 0.5
+    top_k: int = 64  # for kl=topk
     fp8: Optional[str] = None  # e4m3 | hybrid
 
 
@@ -108,6 +111,8 @@ class TrainConfig:
     warmup_iters: int = 10
     lr_decay_iters: Optional[int] = None
     clip_grad: float = 1.0
+    weight_decay: float = 0.01
+    log_interval: int = 1
     seed: int = 1234
 
 
@@ -153,6 +158,7 @@ _CHOICES = {
     "importance.neuron_signal": ("fc2_input", "fc1_output"),
     "distill.kl": ("forward", "reverse", "jsd", "topk"),
     "prune.layer_metric": ("bi", "loss"),
+    "distill.intermediate_loss": ("cosine", "mse"),
     "distill.fp8": (None, "e4m3", "hybrid"),
 }
 _POSITIVE = (

@@ -1,4 +1,4 @@
-"""Let megatron-core run on CPU (gloo) by patching the few places that assume CUDA.
+"""Let megatron-core run on CPU (gloo) by patching the few places that assume CUDA (four shims).
 
 Applied only when CUDA is absent (`apply_cpu_shims` is a no-op otherwise) and idempotent.
 Each patch says what it replaces and why; nothing in megatron-core's files is edited.
@@ -22,12 +22,17 @@ def _is_cuda_device(dev) -> bool:
 class _CudaToCpuMode(TorchFunctionMode):
     """Shim 3: pipeline schedules and p2p helpers allocate with `device="cuda"` or call `.cuda()`;
     route such tensors to the CPU. Integer devices (current_device() results) are never produced,
-    because shim 1 makes current_device() return "cpu"."""
+    because shim 1 makes current_device() return "cpu".
+    Shim 4: megatron's optimizers and gradient clipping assert `t.type() == 'torch.cuda.FloatTensor'`;
+    `Tensor.type()` (the query form, no arguments) reports CPU tensors under their CUDA type name."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

@@ -1,0 +1,25 @@
+"""Knowledge distillation of a pruned student from its teacher (logit KD, optional LM and
+intermediate-state losses) on megatron-core's pipeline schedules, at any TP/PP/DP.
+
+torchrun --nproc-per-node N launch/distill.py --config CONFIG [key.sub=value ...]
+`distill.student.load` unset: the student is the teacher pruned by the `prune` section.
+Outputs in <output_dir>: checkpoint/ (torch_dist, resumable with resume=true), metrics.jsonl,
+loss_curve.png, distill.json, tensorboard/.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megaslim import cli  # noqa: E402
+from megaslim.runtime import main_guard  # noqa: E402
+
+
+def main():
+    from megaslim.distill.run import run
+
+    run(cli.parse_args(__doc__))
+
+
+if __name__ == "__main__":
+    main_guard(main)

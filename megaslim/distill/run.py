@@ -1,0 +1,219 @@
+"""`launch/distill.py` end to end: checks, teacher + student, training, eval, checkpoints, summary."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from megaslim import cli
+from megaslim.config import Config, ModelConfig
+from megaslim.errors import MegaslimError
+
+
+def _model_cfg(cfg: Config, load) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(cfg.model, load=load)
+
+
+def prepare(cfg: Config) -> dict:
+    """Everything checked and read before any distributed work or compute."""
+    from megaslim import checkpoint as ckpt
+    from megaslim.data.corpora import data_path
+    from megaslim.data.indexed import cached_indexed, tokenizer_fingerprint
+    from megaslim.data.packing import pack_rows, read_documents
+    from megaslim.distill.train import resolve_pairs
+    from megaslim.model.arch import check_parallel_layout
+    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.runtime.distributed import check_layout
+    from megaslim.tokenizer import load_tokenizer
+
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    dp = check_layout(int(os.environ.get("WORLD_SIZE", "1")), tp, pp)
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise MegaslimError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                            f"train.micro_batch_size * DP = {t.micro_batch_size} * {dp}")
+    if t.train_iters < 1:
+        raise MegaslimError("train.train_iters must be >= 1")
+    teacher_src = resolve_source(cfg.distill.teacher.load or cfg.model.load)
+    teacher_arch = source_arch(teacher_src)
+    check_parallel_layout(teacher_arch, tp, pp)
+    tokenizer = load_tokenizer(cfg.model, teacher_src)
+
+    student_src = student_arch = plan = None
+    if cfg.distill.student.load:
+        student_src = resolve_source(cfg.distill.student.load)
+        student_arch = source_arch(student_src)
+        if student_src.tokenizer_dir is not None and cfg.model.tokenizer is None:
+            st = load_tokenizer(cfg.model, student_src)
+            if tokenizer_fingerprint(st) != tokenizer_fingerprint(tokenizer):
+                raise MegaslimError("teacher and student tokenizers differ; distillation needs the same one")
+    else:  # the default student: the teacher pruned by the prune section
+        from megaslim.prune.plan import PrunePlan, target_shape
+
+        if cfg.prune.plan_path:
+            plan = PrunePlan.load(cfg.prune.plan_path)
+            plan.check_applies_to(teacher_arch)
+            student_arch = plan.target_arch
+        else:
+            student_arch = target_shape(teacher_arch, cfg.prune.export_config, tp=tp, hf_export=False)
+    if student_arch.vocab_size != teacher_arch.vocab_size:
+        raise MegaslimError(f"teacher vocab {teacher_arch.vocab_size} != student vocab {student_arch.vocab_size}")
+    check_parallel_layout(student_arch, tp, pp)
+    resolve_pairs(cfg, student_arch, teacher_arch, pp)
+
+    if cfg.export.hf_dir:
+        from megaslim.model.hf import check_output_dir
+
+        check_output_dir(Path(cfg.export.hf_dir))
+    out = Path(cfg.output_dir)
+    root = out / "checkpoint"
+    if ckpt.is_checkpoint(root) and not cfg.resume:
+        raise MegaslimError(f"{root} already holds a checkpoint; set resume=true to continue it or choose "
+                            "another output_dir")
+    ckpt.check_output_dir(root) if not ckpt.is_checkpoint(root) else None
+
+    calib_rows = None
+    if student_src is None and plan is None and not cfg.importance.scores_path:
+        from megaslim.data.calibration import calibration_rows
+
+        calib_rows = calibration_rows(cfg.data.calib_path, tokenizer, num_samples=cfg.importance.num_samples,
+                                      seq_length=cfg.data.seq_length)
+    eval_path = data_path(cfg.data.eval_path, "data.eval_path")
+    eval_rows = pack_rows(read_documents(eval_path), tokenizer, seq_length=cfg.data.seq_length,
+                          num_rows=cfg.eval.num_samples, what=f"data.eval_path={eval_path}")
+    train_prefix = cached_indexed(data_path(cfg.data.train_path, "data.train_path"), tokenizer)
+    return dict(teacher_src=teacher_src, teacher_arch=teacher_arch, student_src=student_src,
+                student_arch=student_arch, plan=plan, tokenizer=tokenizer, calib_rows=calib_rows,
+                eval_rows=eval_rows, train_prefix=train_prefix, dp=dp)
+
+
+def default_student(cfg: Config, teacher, teacher_arch, plan, calib_rows):
+    """Apply the prune section to the teacher (importance from scores_path or computed now)."""
+    from megaslim.importance.scores import ImportanceScores
+    from megaslim.prune.apply import build_pruned, write_pruned_stage
+    from megaslim.prune.plan import build_plan, target_shape
+
+    out = Path(cfg.output_dir)
+    if plan is None:
+        if cfg.importance.scores_path:
+            scores = ImportanceScores.load(cfg.importance.scores_path, teacher_arch)
+        else:
+            from megaslim.importance.calibrate import compute_importance
+
+            scores, _ = compute_importance(teacher, teacher_arch, calib_rows, cfg.importance,
+                                           micro_batch_size=cfg.data.micro_batch_size,
+                                           transformer_impl=cfg.model.transformer_impl)
+            if cli.is_rank0():
+                scores.save(out / "importance.safetensors")
+        target = target_shape(teacher_arch, cfg.prune.export_config,
+                              tp=cfg.parallel.tensor_model_parallel_size, hf_export=False)
+        plan = build_plan(teacher_arch, target, scores, drop_layers=cfg.prune.drop_layers,
+                          layer_metric=cfg.prune.layer_metric, contiguous=cfg.prune.drop_contiguous)
+    if cli.is_rank0():
+        plan.save(out / "prune_plan.json")
+    scratch = out / ".student_full.partial"
+    write_pruned_stage(teacher, plan, scratch)
+    student = build_pruned(plan, scratch, cfg.model)
+    import torch.distributed as dist
+
+    dist.barrier()
+    if cli.is_rank0():
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    return student, plan.target_arch
+
+
+def run(cfg: Config) -> dict:
+    timer = cli.Timer()
+    p = prepare(cfg)
+    rt = cli.start(cfg)
+    from megaslim.data.loaders import train_micro_batches
+    from megaslim.distill.train import Models, Trainer, plot_losses, step_batches, write_metrics, _finite_or_raise
+    from megaslim.model.load import load_model
+    from megatron.core import parallel_state as ps
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, teacher_arch, _ = load_model(_model_cfg(cfg, None), p["teacher_src"])
+    if p["student_src"] is not None:
+        student, student_arch, _ = load_model(_model_cfg(cfg, None), p["student_src"])
+    else:
+        student, student_arch = default_student(cfg, teacher, teacher_arch, p["plan"], p["calib_rows"])
+    tok_dir = cfg.model.tokenizer or p["teacher_src"].tokenizer_dir
+    models = Models(student, student_arch, teacher, teacher_arch)
+    trainer = Trainer(cfg, models, tokenizer_dir=tok_dir, eval_rows=p["eval_rows"])
+    resumed = trainer.try_resume()
+    if rt.is_rank0:
+        cli.save_run_config(cfg)
+    t = cfg.train
+    metrics = out / "metrics.jsonl"
+    if rt.is_rank0 and not resumed and metrics.exists():
+        metrics.unlink()
+    data = train_micro_batches(p["train_prefix"], p["tokenizer"], seq_length=cfg.data.seq_length,
+                               micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                               train_iters=t.train_iters, dp_rank=ps.get_data_parallel_rank(),
+                               dp_size=p["dp"], seed=t.seed, consumed_samples=trainer.consumed_samples,
+                               cache_path=out / "data_cache")
+    teacher_eval = trainer.evaluate(teacher, teacher_arch)
+    first_eval = trainer.evaluate(student, student_arch)
+    if rt.is_rank0 and not resumed:
+        write_metrics(metrics, {"step": trainer.step, "eval_loss": first_eval["loss"],
+                                "teacher_eval_loss": teacher_eval["loss"]})
+    from tqdm import tqdm
+
+    bar = tqdm(total=t.train_iters, initial=trainer.step, desc="distill", disable=not rt.is_rank0,
+               dynamic_ncols=True)
+    tokens_per_step = t.global_batch_size * cfg.data.seq_length
+    last_eval = first_eval
+    stop_at = t.train_iters
+    while trainer.step < stop_at:
+        t0 = time.time()
+        m = trainer.train_step(step_batches(data, trainer.num_micro))
+        dt = time.time() - t0
+        _finite_or_raise(m["loss"], trainer.step, trainer.ckpt_root)
+        record = {"step": trainer.step, **m, "tokens": trainer.consumed_samples * cfg.data.seq_length,
+                  "tokens_per_s": tokens_per_step / dt}
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens_per_step / dt:.0f}")
+        if cfg.eval.interval and trainer.step % cfg.eval.interval == 0 or trainer.step == stop_at:
+            last_eval = trainer.evaluate(student, student_arch)
+            record["eval_loss"] = last_eval["loss"]
+        if rt.is_rank0:
+            write_metrics(metrics, record)
+        saving = cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
+        exiting = t.exit_interval and trainer.step % t.exit_interval == 0
+        if saving or exiting or trainer.step == stop_at:
+            trainer.save()
+        if exiting and trainer.step < stop_at:
+            break
+    bar.close()
+    result = {
+        "teacher_eval_loss": teacher_eval["loss"], "student_eval_loss_start": first_eval["loss"],
+        "student_eval_loss": last_eval["loss"], "steps": trainer.step,
+        "tokens": trainer.consumed_samples * cfg.data.seq_length, "seconds": timer.seconds,
+        "student_params": student_arch.num_params(), "teacher_params": teacher_arch.num_params(),
+        "checkpoint": str(trainer.ckpt_root), "finished": trainer.step >= stop_at,
+    }
+    if cfg.export.hf_dir and result["finished"]:
+        from megaslim.model.hf import export_hf
+
+        result["hf_dir"] = str(export_hf(student, student_arch, cfg.export.hf_dir, tokenizer_dir=tok_dir,
+                                         source=str(trainer.ckpt_root)))
+    gap = first_eval["loss"] - teacher_eval["loss"]
+    result["gap_recovered"] = (first_eval["loss"] - last_eval["loss"]) / gap if gap > 0 else None
+    if rt.is_rank0:
+        cli.write_json(out / "distill.json", result)
+        plot_losses(metrics, out / "loss_curve.png")
+    cli.summary_table("megaslim distill", [
+        ("teacher", f"{p['teacher_src'].label} ({teacher_arch.num_params():,} params)"),
+        ("student", f"{student_arch.num_params():,} params"),
+        ("steps / tokens", f"{trainer.step} / {result['tokens']:,}"),
+        ("held-out loss: teacher", teacher_eval["loss"]),
+        ("held-out loss: student start -> end", f"{first_eval['loss']:.4f} -> {last_eval['loss']:.4f}"),
+        ("gap recovered", f"{result['gap_recovered']:.1%}" if result["gap_recovered"] is not None else "-"),
+        ("seconds", round(timer.seconds, 1)), ("outputs", out),
+    ])
+    return result

@@ -1,0 +1,284 @@
+"""The distillation loop: megatron pipeline schedules, megatron's optimizer and LR scheduler,
+periodic evaluation, metrics, checkpoints with full resume state."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megaslim.config import Config
+from megaslim.distill import losses
+from megaslim.errors import MegaslimError
+from megaslim.model.arch import ModelArch
+
+
+@dataclass
+class Models:
+    student: object  # GPTModel (this rank's shard)
+    student_arch: ModelArch
+    teacher: object
+    teacher_arch: ModelArch
+
+
+class _Capture:
+    """Forward hooks keeping the output hidden states of chosen layers (for intermediate losses)."""
+
+    def __init__(self, model, layers: list[int]):
+        self.states: dict[int, torch.Tensor] = {}
+        self.handles = []
+        local = {layer.layer_number - 1: layer for layer in model.decoder.layers}
+        for i in layers:
+            self.handles.append(local[i].register_forward_hook(
+                lambda m, a, out, i=i: self.states.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def resolve_pairs(cfg: Config, student_arch: ModelArch, teacher_arch: ModelArch, pp: int) -> list[tuple[int, int]]:
+    """Intermediate pairs, validated: both layers must live on the last pipeline stage (the loss is
+    computed there), and the hidden sizes must match (no learned projection across widths yet)."""
+    if not cfg.distill.intermediate_layer_pairs:
+        return []
+    pairs = losses.intermediate_layer_pairs(student_layers=student_arch.num_layers,
+                                            teacher_layers=teacher_arch.num_layers,
+                                            pairs=cfg.distill.intermediate_layer_pairs)
+    if student_arch.hidden_size != teacher_arch.hidden_size:
+        raise MegaslimError(
+            f"distill.intermediate_layer_pairs between hidden {student_arch.hidden_size} (student) and "
+            f"{teacher_arch.hidden_size} (teacher) needs a learned projection, which this build does not "
+            "train yet; use logit-only KD for width-pruned students (the paper's setting)")
+    s_first = student_arch.num_layers - student_arch.num_layers // pp
+    t_first = teacher_arch.num_layers - teacher_arch.num_layers // pp
+    crossing = [(s, t) for s, t in pairs if s < s_first or t < t_first]
+    if crossing:
+        raise MegaslimError(
+            f"distill.intermediate_layer_pairs {crossing} are not on the last pipeline stage (student "
+            f"layers >= {s_first}, teacher layers >= {t_first} at PP={pp}); losses are computed there")
+    return pairs
+
+
+def _finite_or_raise(value: float, step: int, ckpt_root: Path) -> None:
+    if not math.isfinite(value):
+        from megaslim import checkpoint as ckpt
+
+        last = ckpt.latest_iteration(ckpt_root) if ckpt_root.exists() else None
+        raise MegaslimError(f"non-finite loss ({value}) at step {step}; stopping. Last good checkpoint: "
+                            f"{ckpt_root / ckpt.iter_name(last) if last is not None else 'none'}")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, models: Models, *, tokenizer_dir, eval_rows: Optional[torch.Tensor]):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megaslim.distill.model import DistillModel
+
+        self.cfg, self.models, self.tokenizer_dir, self.eval_rows = cfg, models, tokenizer_dir, eval_rows
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoint"
+        self.dp = ps.get_data_parallel_world_size()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        t = cfg.train
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
+        student = models.student
+        student.train()
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=self.dp > 1)
+        self.ddp = DistributedDataParallel(student.config, ddp_config, student)
+        self.model = DistillModel(self.ddp, models.teacher)
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=0.9,
+            adam_beta2=0.95, adam_eps=1e-8, clip_grad=t.clip_grad, bf16=student.config.bf16,
+            fp16=student.config.fp16, params_dtype=student.config.params_dtype,
+            use_distributed_optimizer=self.dp > 1)
+        self.optimizer = get_megatron_optimizer(opt_config, [self.ddp])
+        gbs = t.global_batch_size
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_iters * gbs,
+            lr_decay_steps=(t.lr_decay_iters or t.train_iters) * gbs, lr_decay_style="cosine",
+            start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_iters * gbs,
+            wd_incr_style="constant")
+        config = self.ddp.config
+        config.no_sync_func = self.ddp.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.finalize_model_grads_func = lambda _chunks, *a, **k: finalize_model_grads([self.ddp], *a, **k)
+        self.pairs = resolve_pairs(cfg, models.student_arch, models.teacher_arch, self.pp)
+        self.step = 0
+        self.consumed_samples = 0
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _optimizer_sharded(self, is_loading: bool):
+        return self.optimizer.sharded_state_dict(self.models.student.sharded_state_dict(), is_loading=is_loading)
+
+    def save(self) -> Path:
+        from megaslim import checkpoint as ckpt
+
+        extra = {"consumed_samples": self.consumed_samples, "scheduler": self.scheduler.state_dict(),
+                 "global_batch_size": self.cfg.train.global_batch_size, "kind": "distill"}
+        return ckpt.save_checkpoint(self.models.student, self.models.student_arch, self.ckpt_root, self.step,
+                                    tokenizer_dir=self.tokenizer_dir, extra=extra,
+                                    sharded_extra={"optimizer": self._optimizer_sharded(False)})
+
+    def try_resume(self) -> bool:
+        from megaslim import checkpoint as ckpt
+
+        if not (self.cfg.resume and ckpt.is_checkpoint(self.ckpt_root)):
+            return False
+        meta = ckpt.read_meta(self.ckpt_root)
+        extra = meta.get("extra", {})
+        if extra.get("kind") != "distill":
+            raise MegaslimError(f"{self.ckpt_root} is not a distillation checkpoint; cannot resume from it")
+        if extra.get("global_batch_size") != self.cfg.train.global_batch_size:
+            raise MegaslimError(
+                f"resume: the checkpoint ran with train.global_batch_size={extra.get('global_batch_size')}, "
+                f"this config has {self.cfg.train.global_batch_size}")
+        meta = ckpt.load_into(self.models.student, self.ckpt_root, arch=self.models.student_arch,
+                              sharded_extra={"optimizer": self._optimizer_sharded(True)})
+        self.optimizer.load_state_dict(meta["loaded_extra"]["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.step, self.consumed_samples = meta["iteration"], extra["consumed_samples"]
+        return True
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _loss_func(self, batch, output):
+        s_logits, t_logits = output
+        mask = batch["loss_mask"]
+        d = self.cfg.distill
+        kd = losses.logit_kd_loss(student_logits=s_logits, teacher_logits=t_logits, loss_mask=mask,
+                                  vocab_size=self.models.student_arch.vocab_size, kind=d.kl,
+                                  temperature=d.logit_kl_temperature, beta=d.jsd_beta,
+                                  top_k=d.top_k if d.kl == "topk" else None)
+        lm = None
+        if not d.skip_lm_loss:
+            from megaslim.model.logits import vocab_parallel_ce
+
+            lm = losses.masked_mean(vocab_parallel_ce(s_logits, batch["labels"], self.models.student_arch.vocab_size), mask)
+        inter = {}
+        for s, t in self.pairs:
+            inter[f"hidden_{s}_{t}"] = losses.hidden_state_loss(
+                student_hidden=self._s_cap.states[s], teacher_hidden=self._t_cap.states[t], loss_mask=mask,
+                kind=d.intermediate_loss)
+        parts = losses.combine_losses(kd_loss=kd, lm_loss=lm, intermediate=inter, kd_loss_scale=d.kd_loss_scale,
+                                      skip_lm_loss=d.skip_lm_loss)
+        return parts["loss"], {k: v.detach().float() for k, v in parts.items()}
+
+    def _forward_step(self, data_iterator, model):
+        device = next(self.models.student.parameters()).device
+        batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+        out = model(batch["tokens"], batch["position_ids"], None)
+        return out, partial(self._loss_func, batch)
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t = self.cfg.train
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        s_layers, t_layers = [p[0] for p in self.pairs], [p[1] for p in self.pairs]
+        last = ps.is_pipeline_last_stage()
+        self._s_cap = _Capture(self.models.student, s_layers) if last and self.pairs else None
+        self._t_cap = _Capture(self.models.teacher, t_layers) if last and self.pairs else None
+        try:
+            out = get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=iter(micro_batches), model=[self.model],
+                num_microbatches=len(micro_batches), seq_length=self.cfg.data.seq_length,
+                micro_batch_size=t.micro_batch_size, forward_only=False,
+                **({"adjust_tensor_shapes_fn": self.model.adjust_tensor_shapes} if self.pp > 1 else {}))
+        finally:
+            for cap in (self._s_cap, self._t_cap):
+                if cap is not None:
+                    cap.remove()
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=t.global_batch_size)
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        return self._reduce_metrics(out if last else [], grad_norm)
+
+    def _reduce_metrics(self, outs: list[dict], grad_norm) -> dict:
+        """Mean over micro-batches and DP replicas, the same on every rank."""
+        from megatron.core import parallel_state as ps
+
+        keys = ["loss", "kd_loss", "lm_loss"] + [f"hidden_{s}_{t}" for s, t in self.pairs]
+        vec = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        if outs and ps.get_tensor_model_parallel_rank() == 0:
+            for i, k in enumerate(keys):
+                vals = [o[k].double().cpu() for o in outs if k in o]
+                vec[i] = sum(vals) / len(vals) / self.dp if vals else 0.0
+            vec[-1] = 1.0 / self.dp
+        dev = next(self.models.student.parameters()).device
+        vec = vec.to(dev)
+        dist.all_reduce(vec)
+        vec = vec.cpu()
+        res = {k: vec[i].item() for i, k in enumerate(keys) if k != "lm_loss" or not self.cfg.distill.skip_lm_loss}
+        res["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        res["lr"] = self.optimizer.param_groups[0]["lr"]
+        return res
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, model, arch) -> dict:
+        from megaslim.eval import evaluate_rows
+
+        model.eval()
+        try:
+            return evaluate_rows(model, self.eval_rows, vocab_size=arch.vocab_size,
+                                 micro_batch_size=self.cfg.data.micro_batch_size)
+        finally:
+            model.train() if model is self.models.student else None
+
+
+def step_batches(it: Iterator[dict], n: int) -> list[dict]:
+    return [next(it) for _ in range(n)]
+
+
+def write_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (KD)", alpha=0.8)
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:red",
+                 label="held-out LM loss (student)")
+        teacher = [r["teacher_eval_loss"] for r in evals if "teacher_eval_loss" in r]
+        if teacher:
+            ax2.axhline(teacher[0], color="tab:green", ls="--", label="teacher held-out loss")
+        ax2.set_ylabel("held-out loss")
+        ax2.legend(loc="upper right")
+    ax.set(xlabel="step", ylabel="train loss", title="distillation")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
+
+
+def now() -> float:
+    return time.time()
