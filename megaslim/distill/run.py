@@ -36,6 +36,9 @@ def prepare(cfg: Config) -> dict:
                             f"train.micro_batch_size * DP = {t.micro_batch_size} * {dp}")
     if t.train_iters < 1:
         raise MegaslimError("train.train_iters must be >= 1")
+    if t.warmup_iters >= (t.lr_decay_iters or t.train_iters):
+        raise MegaslimError(f"train.warmup_iters={t.warmup_iters} must be smaller than train.lr_decay_iters "
+                            f"(or train.train_iters when unset) = {t.lr_decay_iters or t.train_iters}")
     teacher_src = resolve_source(cfg.distill.teacher.load or cfg.model.load)
     teacher_arch = source_arch(teacher_src)
     check_parallel_layout(teacher_arch, tp, pp)

@@ -120,7 +120,10 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _optimizer_sharded(self, is_loading: bool):
-        return self.optimizer.sharded_state_dict(self.models.student.sharded_state_dict(), is_loading=is_loading)
+        # fully_reshardable: optimizer state in model space, so a resume may use another TP/PP/DP
+        return self.optimizer.sharded_state_dict(
+            self.models.student.sharded_state_dict(), is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
 
     def save(self) -> Path:
         from megaslim import checkpoint as ckpt
@@ -144,6 +147,9 @@ class Trainer:
             raise MegaslimError(
                 f"resume: the checkpoint ran with train.global_batch_size={extra.get('global_batch_size')}, "
                 f"this config has {self.cfg.train.global_batch_size}")
+        from megaslim.compat import prepare_distributed_optimizer_for_load
+
+        prepare_distributed_optimizer_for_load(self.optimizer)
         meta = ckpt.load_into(self.models.student, self.ckpt_root, arch=self.models.student_arch,
                               sharded_extra={"optimizer": self._optimizer_sharded(True)})
         self.optimizer.load_state_dict(meta["loaded_extra"]["optimizer"])
@@ -172,7 +178,8 @@ class Trainer:
                 kind=d.intermediate_loss)
         parts = losses.combine_losses(kd_loss=kd, lm_loss=lm, intermediate=inter, kd_loss_scale=d.kd_loss_scale,
                                       skip_lm_loss=d.skip_lm_loss)
-        return parts["loss"], {k: v.detach().float() for k, v in parts.items()}
+        # clone: megatron divides the returned loss in place by the number of micro-batches
+        return parts["loss"], {k: v.detach().float().clone() for k, v in parts.items()}
 
     def _forward_step(self, data_iterator, model):
         device = next(self.models.student.parameters()).device

@@ -1,0 +1,128 @@
+"""Distillation loop: identical steps at every layout, exact resume after SIGKILL, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dist_utils import ROOT, free_port, torchrun
+from megaslim.model.hf import HFReader
+
+TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
+
+
+def _args(model_dir, out, plan, *extra):
+    return [f"model.load={model_dir}", f"output_dir={out}", f"prune.plan_path={plan}",
+            f"data.train_path={TEXT}", f"data.eval_path={TEXT}", "data.seq_length=32",
+            "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr=3e-3", "train.min_lr=3e-4",
+            "train.warmup_iters=1", "eval.num_samples=4", "data.micro_batch_size=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_llama_tok, tmp_path_factory):
+    """A width+depth plan for the tiny model (made once by prune.py, so every run prunes alike)."""
+    out = tmp_path_factory.mktemp("plan")
+    torchrun(ROOT / "launch" / "prune.py", f"model.load={tiny_llama_tok}", f"output_dir={out}",
+             f"data.calib_path={TEXT}", f"data.eval_path={TEXT}", "data.seq_length=32",
+             "importance.num_samples=8", "eval.num_samples=2", "prune.export_config.hidden_size=48",
+             "prune.export_config.ffn_hidden_size=96", "prune.export_config.num_layers=2", nproc=1)
+    return out / "prune_plan.json"
+
+
+def _losses(out):
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {}
+    for r in lines:
+        if "loss" in r:
+            by_step[r["step"]] = r["loss"]  # a resumed run rewrites its steps: the last one counts
+    return by_step
+
+
+def test_steps_identical_at_tp2_pp2_dp2_tp2pp2(tiny_llama_tok, plan, tmp_path):
+    runs = {}
+    for tp, pp, n in [(1, 1, 1), (2, 1, 2), (1, 2, 2), (1, 1, 2), (2, 2, 4)]:
+        out = tmp_path / f"tp{tp}pp{pp}n{n}"
+        torchrun(ROOT / "launch" / "distill.py", *_args(tiny_llama_tok, out, plan, "train.train_iters=3",
+                 f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
+                 f"export.hf_dir={out}/hf"), nproc=n, timeout=300)
+        runs[(tp, pp, n)] = out
+    base = runs.pop((1, 1, 1))
+    ref_losses, ref_w = _losses(base), HFReader(base / "hf")
+    assert sorted(ref_losses) == [1, 2, 3] and ref_losses[3] < ref_losses[1]
+    summary = json.loads((base / "distill.json").read_text())
+    assert summary["steps"] == 3 and summary["tokens"] == 3 * 8 * 32
+    assert (base / "loss_curve.png").is_file()
+    for key, out in runs.items():
+        losses = _losses(out)
+        for step in (1, 2, 3):
+            assert losses[step] == pytest.approx(ref_losses[step], abs=1e-5), (key, step)
+        w = HFReader(out / "hf")
+        for k in ref_w.keys():
+            assert (w.get(k) - ref_w.get(k)).abs().max().item() < 1e-5, (key, k)
+
+
+def _launch(args, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", str(ROOT / "launch" / "distill.py"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_tok, plan, tmp_path):
+    common = ["train.train_iters=6", "checkpoint.save_interval=2"]
+    full = tmp_path / "full"
+    torchrun(ROOT / "launch" / "distill.py", *_args(tiny_llama_tok, full, plan, *common,
+             f"export.hf_dir={full}/hf"), nproc=2, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = _launch(_args(tiny_llama_tok, killed, plan, *common, f"export.hf_dir={killed}/hf"), 2)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            metrics = killed / "metrics.jsonl"
+            if metrics.exists() and max(_losses(killed), default=0) >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"run ended before it could be killed: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert not (killed / "hf").exists()
+    assert (killed / "checkpoint" / "latest").read_text().strip() in ("2", "4")
+
+    torchrun(ROOT / "launch" / "distill.py", *_args(tiny_llama_tok, killed, plan, *common, "resume=true",
+             f"export.hf_dir={killed}/hf"), nproc=2, timeout=300)
+    a, b = _losses(full), _losses(killed)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert a[step] == b[step], step  # bitwise on CPU
+    wa, wb = HFReader(full / "hf"), HFReader(killed / "hf")
+    for k in wa.keys():
+        assert torch.equal(wa.get(k), wb.get(k)), k
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["distill.intermediate_layer_pairs=[[0,0]]"], "needs a learned projection"),
+    (["train.global_batch_size=3"], "not a multiple of train.micro_batch_size"),
+    (["distill.teacher.load=/nope"], "no such file or directory"),
+])
+def test_bad_input(tiny_llama_tok, plan, tmp_path, extra, needle):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"),
+                           *_args(tiny_llama_tok, tmp_path / "o", plan, *extra)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+def test_existing_run_needs_resume_flag(tiny_llama_tok, plan, tmp_path):
+    out = tmp_path / "o"
+    torchrun(ROOT / "launch" / "distill.py", *_args(tiny_llama_tok, out, plan, "train.train_iters=2"), nproc=1)
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"),
+                           *_args(tiny_llama_tok, out, plan, "train.train_iters=2")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "set resume=true" in proc.stderr
