@@ -4,7 +4,12 @@ torchrun --nproc-per-node N launch/prune.py --config CONFIG [key.sub=value ...]
 `importance.only=true` computes and saves the scores and plots without pruning.
 Outputs in <output_dir>: importance.safetensors + importance_*.png, prune_plan.json, eval_before.json,
 eval.json, checkpoint/ (torch_dist), export.hf_dir if set, prune.json (summary).
+`prune.iterative=N` (N > 1, source PP=1) prunes in N steps, re-scoring before each: it also writes
+importance_step{i}.safetensors and prune_plan_steps.json (the chain; prune_plan.json is their composition).
+`prune.fold_heads=true` folds pruned heads into kept heads of their query group (`prune.fold_mode`:
+proj_sum, the measured best, or laco; docs/pruning.md).
 """
+import json
 import sys
 from pathlib import Path
 
@@ -53,6 +58,39 @@ def plan_table(plan, seq_length):
     Console().print(t)
 
 
+def iterate(cfg, model, arch, target, scores, rows, eval_rows, out_dir, is_rank0):
+    """prune.iterative > 1: the chain of step plans, re-scoring the partly pruned model before each step."""
+    from megaslim.eval import evaluate_rows
+    from megaslim.importance.calibrate import compute_importance
+    from megaslim.prune.iterative import iterative_plans
+    from megaslim.runtime import rank0_print
+
+    steps = []
+
+    def score(m, a, i):
+        s, _ = compute_importance(m, a, rows, cfg.importance, micro_batch_size=cfg.data.micro_batch_size,
+                                  transformer_impl=cfg.model.transformer_impl)
+        if is_rank0:
+            s.save(out_dir / f"importance_step{i}.safetensors")
+        return s
+
+    def on_step(i, plan, pruned):
+        t = plan.target_arch
+        row = {"step": i, "params": t.num_params(), **{k: getattr(t, k) for k in (
+            "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")}}
+        if pruned is not None:
+            row["loss"] = evaluate_rows(pruned, eval_rows, vocab_size=arch.vocab_size,
+                                        micro_batch_size=cfg.data.micro_batch_size)["loss"]
+        steps.append(row)
+        rank0_print(f"iterative step {i + 1}/{cfg.prune.iterative}: {row}")
+
+    chain = iterative_plans(model, arch, target, cfg.prune.iterative, score=score, model_cfg=cfg.model,
+                            tp=cfg.parallel.tensor_model_parallel_size, first_scores=scores, on_step=on_step,
+                            layer_metric=cfg.prune.layer_metric, contiguous=cfg.prune.drop_contiguous,
+                            fold_heads=cfg.prune.fold_heads and cfg.prune.fold_mode)
+    return chain, steps
+
+
 def main():
     cfg = cli.parse_args(__doc__)
     from megaslim.errors import MegaslimError
@@ -93,17 +131,29 @@ def main():
             from dataclasses import replace
 
             target = replace(target, num_layers=arch.num_layers - len(set(cfg.prune.drop_layers)))
-        if cfg.prune.iterative != 1:
-            raise MegaslimError("prune.iterative > 1 is not available yet; use 1 (single shot)")
+    if cfg.prune.iterative < 1:
+        raise MegaslimError(f"prune.iterative={cfg.prune.iterative} must be >= 1 (1 = single shot)")
+    if cfg.prune.iterative > 1 and not cfg.importance.only:
+        if plan is not None:
+            raise MegaslimError("prune.plan_path fixes the plan; it cannot be combined with prune.iterative > 1")
+        if len(cfg.prune.drop_layers):
+            raise MegaslimError("prune.drop_layers lists the layers explicitly, nothing to re-score: use "
+                                "prune.export_config.num_layers with prune.iterative > 1, or iterative=1")
+        if pp != 1:
+            raise MegaslimError("prune.iterative > 1 re-scores the partly pruned model in memory and needs "
+                                "parallel.pipeline_model_parallel_size=1 (the pruned model can still be written "
+                                "at any PP: prune.target_pipeline_model_parallel_size)")
+        check_parallel_layout(target, tp, 1)  # the intermediate models run at the source TP
     if plan is not None or target is not None:
         check_parallel_layout(plan.target_arch if plan else target, ttp, tpp)
     from megaslim import checkpoint as ckpt
 
     ckpt.check_output_dir(out_dir / "checkpoint")
     needs_scores = scores is None and (cfg.importance.only or plan is None)
+    iterative = cfg.prune.iterative > 1 and not cfg.importance.only
     tokenizer = load_tokenizer(cfg.model, source)
     rows = eval_rows = None
-    if needs_scores:
+    if needs_scores or iterative:
         check_importance_spec(cfg.model.transformer_impl)
         from megaslim.data.calibration import calibration_rows
 
@@ -146,12 +196,19 @@ def main():
 
     mbs = cfg.data.micro_batch_size
     before = evaluate_rows(model, eval_rows, vocab_size=arch.vocab_size, micro_batch_size=mbs)
-    if plan is None:
+    chain, steps = None, []
+    if plan is None and cfg.prune.iterative > 1:
+        chain, steps = iterate(cfg, model, arch, target, scores, rows, eval_rows, out_dir, rt.is_rank0)
+        from megaslim.prune.iterative import compose_plans
+
+        plan = compose_plans(chain, drop_folds=True)
+    elif plan is None:
         plan = build_plan(arch, target, scores, drop_layers=cfg.prune.drop_layers,
-                          layer_metric=cfg.prune.layer_metric, contiguous=cfg.prune.drop_contiguous)
+                          layer_metric=cfg.prune.layer_metric, contiguous=cfg.prune.drop_contiguous,
+                          fold_heads=cfg.prune.fold_heads and cfg.prune.fold_mode)
     plan_table(plan, cfg.data.seq_length)
     scratch = out_dir / ".pruned_full.partial"
-    write_pruned_stage(model, plan, scratch)
+    write_pruned_stage(model, chain or plan, scratch)
     del model
     reinit_parallel(ttp, tpp, cfg.train.seed)
     pruned = build_pruned(plan, scratch, cfg.model)
@@ -170,13 +227,17 @@ def main():
 
         shutil.rmtree(scratch, ignore_errors=True)
         plan.save(out_dir / "prune_plan.json")
+        if chain:
+            cli.write_json(out_dir / "prune_plan_steps.json", [json.loads(p.to_json()) for p in chain])
         for name, res in (("eval_before.json", before), ("eval.json", after)):
             cli.write_json(out_dir / name, res)
         cli.write_json(out_dir / "prune.json", {
             "source": source.label, "params_before": arch.num_params(),
             "params_after": plan.target_arch.num_params(), "loss_before": before["loss"],
             "loss_after": after["loss"], "seconds": timer.seconds, "checkpoint": str(out_dir / "checkpoint"),
-            "hf_dir": str(hf_dir) if hf_dir else None, "target_tp": ttp, "target_pp": tpp})
+            "hf_dir": str(hf_dir) if hf_dir else None, "target_tp": ttp, "target_pp": tpp,
+            "fold_heads": bool(plan.fold_heads or any(p.fold_heads for p in chain or [])),
+            "iterative": cfg.prune.iterative, "steps": steps})
     cli.summary_table("megaslim prune", [
         ("model", source.label),
         ("params", f"{arch.num_params():,} -> {plan.target_arch.num_params():,}"),

@@ -75,6 +75,7 @@ class PruneConfig:
     plan_path: Optional[str] = None  # apply a saved PrunePlan JSON instead of building one
     target_params: Optional[float] = None
     fold_heads: bool = False
+    fold_mode: str = "proj_sum"  # proj_sum (measured best, docs/pruning.md) | laco (parameter-difference)
     iterative: int = 1
     target_tensor_model_parallel_size: Optional[int] = None
     target_pipeline_model_parallel_size: Optional[int] = None
@@ -159,6 +160,7 @@ _CHOICES = {
     "distill.kl": ("forward", "reverse", "jsd", "topk"),
     "prune.layer_metric": ("bi", "loss"),
     "distill.intermediate_loss": ("cosine", "mse"),
+    "prune.fold_mode": ("proj_sum", "laco"),
     "distill.fp8": (None, "e4m3", "hybrid"),
 }
 _POSITIVE = (

@@ -18,8 +18,13 @@ from megaslim.prune.plan import PrunePlan
 from megaslim.prune.slicing import prune_state
 
 
-def write_pruned_stage(model, plan: PrunePlan, scratch: Path) -> None:
-    """Collective: every rank of this stage joins the TP gather; one rank per stage writes."""
+def _first(plan: PrunePlan | list[PrunePlan]) -> PrunePlan:
+    return plan[0] if isinstance(plan, (list, tuple)) else plan
+
+
+def write_pruned_stage(model, plan: PrunePlan | list[PrunePlan], scratch: Path) -> None:
+    """Collective: every rank of this stage joins the TP gather; one rank per stage writes.
+    A list of plans (iterative pruning, PP=1) is applied in turn."""
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
@@ -29,7 +34,7 @@ def write_pruned_stage(model, plan: PrunePlan, scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
     dist.barrier()
-    full = gather_full_state(model, plan.source_arch.vocab_size)
+    full = gather_full_state(model, _first(plan).source_arch.vocab_size)
     if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         pruned = prune_state(full, plan)
         save_file(pruned, str(scratch / f"stage-{ps.get_pipeline_model_parallel_rank():04d}.safetensors"))
@@ -78,8 +83,9 @@ def build_pruned(plan: PrunePlan, scratch: Path, model_cfg: ModelConfig):
     return model
 
 
-def prune_in_memory(model, plan: PrunePlan, model_cfg: ModelConfig):
-    """Pruned copy of `model` without scratch files (pipeline size 1 only: stages would reshape)."""
+def prune_in_memory(model, plan: PrunePlan | list[PrunePlan], model_cfg: ModelConfig):
+    """Pruned copy of `model` without scratch files (pipeline size 1 only: stages would reshape).
+    A list of plans is applied in turn."""
     from megatron.core import parallel_state as ps
 
     from megaslim.model.build import build_gpt
@@ -87,8 +93,9 @@ def prune_in_memory(model, plan: PrunePlan, model_cfg: ModelConfig):
 
     if ps.get_pipeline_model_parallel_world_size() != 1:
         raise ValueError("prune_in_memory needs PP=1; use write_pruned_stage + build_pruned")
-    pruned = prune_state(gather_full_state(model, plan.source_arch.vocab_size), plan)
-    new = build_gpt(plan.target_arch, model_cfg, init_weights=False)
+    pruned = prune_state(gather_full_state(model, _first(plan).source_arch.vocab_size), plan)
+    last = plan[-1] if isinstance(plan, (list, tuple)) else plan
+    new = build_gpt(last.target_arch, model_cfg, init_weights=False)
     load_full_state(new, lambda n: pruned[n] if n in pruned else pruned["embedding.word_embeddings.weight"])
     new.eval()
     return new

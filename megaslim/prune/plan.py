@@ -6,7 +6,7 @@ any TP/PP. It is built from importance scores and a target shape, or from an exp
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +26,10 @@ class PrunePlan:
     keep_groups: dict[int, list[int]]  # source layer -> kept query groups, ascending
     keep_heads: dict[int, list[int]]  # source layer -> kept heads (global head index g*n + j), ascending
     keep_neurons: dict[int, list[int]]  # source layer -> kept MLP neurons, ascending
+    # Head folding (prune.fold_heads; see slicing.fold_tensor): source layer -> {kept head: [pruned heads of
+    # the same query group folded into it]}, global head indices. Empty: no folding.
+    fold_heads: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    fold_mode: str = "laco"  # laco: W_k += sum_p (W_p - W_k) on q rows and proj columns | proj_sum
 
     @property
     def source_arch(self) -> ModelArch:
@@ -43,6 +47,8 @@ class PrunePlan:
         d = json.loads(text)
         for k in ("keep_groups", "keep_heads", "keep_neurons"):
             d[k] = {int(layer): v for layer, v in d[k].items()}
+        d["fold_heads"] = {int(layer): {int(k): v for k, v in m.items()}
+                           for layer, m in d.get("fold_heads", {}).items()}
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
@@ -132,8 +138,32 @@ def choose_layers(scores: Optional[ImportanceScores], arch: ModelArch, num_layer
     return _topk_sorted(imp, num_layers)
 
 
+FOLD_MODES = ("laco", "proj_sum")
+
+
+def fold_assignment(head_scores: torch.Tensor, groups: list[int], heads: list[int], n: int) -> dict[int, list[int]]:
+    """Which kept head receives which pruned heads, inside each kept query group (pruned whole groups are
+    not folded). Mirror pairing around the cut (our choice; the paper does not pin it down): the most
+    important pruned head goes to the least important kept head, the next one to the next-least important
+    kept head, wrapping around when a group prunes more heads than it keeps."""
+    out: dict[int, list[int]] = {}
+    kept = set(heads)
+    for g in groups:
+        members = sorted(range(g * n, (g + 1) * n), key=lambda h: (-float(head_scores[h]), h))
+        keep = [h for h in members if h in kept]  # most important first
+        pruned = [h for h in members if h not in kept]
+        for i, p in enumerate(pruned):
+            out.setdefault(keep[len(keep) - 1 - i % len(keep)], []).append(p)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
 def build_plan(arch: ModelArch, target: ModelArch, scores: Optional[ImportanceScores], *,
-               drop_layers: list[int] = (), layer_metric: str = "bi", contiguous: bool = False) -> PrunePlan:
+               drop_layers: list[int] = (), layer_metric: str = "bi", contiguous: bool = False,
+               fold_heads: bool | str = False) -> PrunePlan:
+    """fold_heads: False, True (= "laco") or a mode of FOLD_MODES; see slicing.fold_tensor."""
+    fold_mode = "laco" if fold_heads is True else (fold_heads or "laco")
+    if fold_mode not in FOLD_MODES:
+        raise MegaslimError(f"unknown head folding mode {fold_heads!r}; one of {FOLD_MODES}")
     keep_layers = choose_layers(scores, arch, target.num_layers, drop_layers=list(drop_layers),
                                 metric=layer_metric, contiguous=contiguous)
     target = replace(target, num_layers=len(keep_layers))
@@ -142,7 +172,7 @@ def build_plan(arch: ModelArch, target: ModelArch, scores: Optional[ImportanceSc
     if width_cut and scores is None:
         raise MegaslimError("width pruning needs importance scores")
     n_src, n_dst = arch.heads_per_group, target.heads_per_group
-    keep_groups, keep_heads, keep_neurons = {}, {}, {}
+    keep_groups, keep_heads, keep_neurons, folds = {}, {}, {}, {}
     for layer in keep_layers:
         if scores is None:
             keep_groups[layer] = list(range(arch.num_query_groups))
@@ -153,12 +183,14 @@ def build_plan(arch: ModelArch, target: ModelArch, scores: Optional[ImportanceSc
         head_scores = scores.heads[layer].reshape(arch.num_query_groups, n_src)
         heads = [g * n_src + j for g in groups for j in _topk_sorted(head_scores[g], n_dst)]
         keep_groups[layer], keep_heads[layer] = groups, heads
+        if fold_heads and n_dst < n_src:
+            folds[layer] = fold_assignment(scores.heads[layer], groups, heads, n_src)
         keep_neurons[layer] = _topk_sorted(scores.neurons[layer], target.ffn_hidden_size)
     channels = (list(range(arch.hidden_size)) if scores is None
                 else _topk_sorted(scores.channels, target.hidden_size))
     return PrunePlan(source=arch.to_dict(), target=target.to_dict(), keep_layers=keep_layers,
                      keep_channels=channels, keep_groups=keep_groups, keep_heads=keep_heads,
-                     keep_neurons=keep_neurons)
+                     keep_neurons=keep_neurons, fold_heads=folds, fold_mode=fold_mode)
 
 
 def flops_per_token(arch: ModelArch, seq_length: int) -> int:

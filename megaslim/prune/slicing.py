@@ -40,6 +40,48 @@ def _head_cols(arch: ModelArch, groups: list[int], heads: list[int]) -> torch.Te
                         dtype=torch.long)
 
 
+def _q_rows(arch: ModelArch, head: int) -> slice:
+    """linear_qkv rows (or bias entries) of one head's query projection."""
+    n, hd = arch.heads_per_group, arch.kv_channels
+    g, j = divmod(head, n)
+    start = g * (n + 2) * hd + j * hd
+    return slice(start, start + hd)
+
+
+def _proj_cols(arch: ModelArch, head: int) -> slice:
+    return slice(head * arch.kv_channels, (head + 1) * arch.kv_channels)
+
+
+def fold_tensor(suffix: str, t: torch.Tensor, layer: int, plan: PrunePlan, arch: ModelArch) -> torch.Tensor:
+    """Fold pruned heads into the kept heads of their query group (plan.fold_heads), before slicing.
+
+    A head owns its query projection (its rows of linear_qkv, and of the QKV bias) and its output
+    projection (its columns of linear_proj); k and v belong to the whole group and are left alone.
+      laco:     W_k <- W_k + sum_p (W_p - W_k) on both (LaCo's parameter-difference merge, per head)
+      proj_sum: linear_proj columns W_k <- W_k + sum_p W_p, q rows unchanged: exact when head p attends
+                like head k (same group, same k/v), so its output is kept through k's attention pattern.
+    Other tensors are returned unchanged."""
+    folds = plan.fold_heads.get(layer)
+    if not folds or suffix not in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+                                   "self_attention.linear_proj.weight"):
+        return t
+    proj = suffix == "self_attention.linear_proj.weight"
+    if plan.fold_mode == "proj_sum" and not proj:
+        return t
+    src, out = t, t.clone()
+    for k, pruned in folds.items():
+        if proj:
+            wk, wp = src[:, _proj_cols(arch, k)], [src[:, _proj_cols(arch, p)] for p in pruned]
+        else:
+            wk, wp = src[_q_rows(arch, k)], [src[_q_rows(arch, p)] for p in pruned]
+        new = wk + sum(wp) if plan.fold_mode == "proj_sum" else wk + sum(w - wk for w in wp)
+        if proj:
+            out[:, _proj_cols(arch, k)] = new
+        else:
+            out[_q_rows(arch, k)] = new
+    return out
+
+
 def slice_tensor(suffix: str, t: torch.Tensor, layer: int | None, plan: PrunePlan, arch: ModelArch) -> torch.Tensor:
     """The pruned version of one full tensor. `suffix` is the name without `decoder.layers.{i}.`."""
     ch = torch.tensor(plan.keep_channels, dtype=torch.long)
@@ -50,6 +92,7 @@ def slice_tensor(suffix: str, t: torch.Tensor, layer: int | None, plan: PrunePla
             return t[ch]
         raise KeyError(f"no pruning rule for {suffix!r}")
     groups, heads, neurons = plan.keep_groups[layer], plan.keep_heads[layer], plan.keep_neurons[layer]
+    t = fold_tensor(suffix, t, layer, plan, arch)
     if suffix in ("input_layernorm.weight", "pre_mlp_layernorm.weight",
                   "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"):
         return t[ch]
@@ -70,9 +113,13 @@ def slice_tensor(suffix: str, t: torch.Tensor, layer: int | None, plan: PrunePla
     raise KeyError(f"no pruning rule for {suffix!r}")
 
 
-def prune_state(state: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, torch.Tensor]:
+def prune_state(state: dict[str, torch.Tensor], plan: PrunePlan | list[PrunePlan]) -> dict[str, torch.Tensor]:
     """Full logical tensors (global names) -> pruned full tensors (renumbered global names).
-    Tensors of dropped layers are left out."""
+    Tensors of dropped layers are left out. A list of plans (iterative pruning) is applied in turn."""
+    if isinstance(plan, (list, tuple)):
+        for p in plan:
+            state = prune_state(state, p)
+        return state
     arch = plan.source_arch
     new_index = {old: new for new, old in enumerate(plan.keep_layers)}
     out = {}
