@@ -135,6 +135,13 @@ class ExportConfig:
 
 
 @dataclass
+class CompressConfig:
+    # One prune -> distill round per target shape; empty = one round to prune.export_config.
+    rounds: list[ExportConfigShape] = field(default_factory=list)
+    teacher: str = "original"  # original | previous: which model each round distills from
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -146,6 +153,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     output_dir: str = "outputs/run"
     resume: bool = False
 
@@ -161,6 +169,7 @@ _CHOICES = {
     "prune.layer_metric": ("bi", "loss"),
     "distill.intermediate_loss": ("cosine", "mse"),
     "prune.fold_mode": ("proj_sum", "laco"),
+    "compress.teacher": ("original", "previous"),
     "distill.fp8": (None, "e4m3", "hybrid"),
 }
 _POSITIVE = (
