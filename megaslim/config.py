@@ -98,7 +98,11 @@ class DistillConfig:
     intermediate_loss: str = "cosine"  # cosine | mse
     jsd_beta: float = 0.5
     top_k: int = 64  # for kl=topk
-    fp8: Optional[str] = None  # e4m3 | hybrid
+    fp8: Optional[str] = None  # e4m3 | hybrid (Transformer Engine; docs/fp8.md)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | current | blockwise | mxfp8
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"  # max | most_recent
+    fp8_margin: int = 0
 
 
 @dataclass
@@ -135,6 +139,29 @@ class ExportConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """launch/generate.py: synthetic continuations of corpus prompts by the teacher."""
+    num_prompts: int = 64
+    prompt_length: int = 32  # tokens per corpus window (prompts_path prompts keep their own length)
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    top_p: float = 0.95  # nucleus sampling; 1 = off
+    batch_size: int = 8
+    seed: Optional[int] = None  # default: train.seed
+    prompts_path: Optional[str] = None  # own prompts (.jsonl with "text" | .txt); default: corpus windows
+    output: Optional[str] = None  # default: <output_dir>/synthetic.jsonl
+    kv_cache: bool = True
+    stop_at_eos: bool = True
+
+
+@dataclass
+class OfflineConfig:
+    """launch/teacher_logits.py: stored top-k teacher log-probs (distill.teacher.load=<store>)."""
+    dtype: str = "float32"  # float32 | float16 | bfloat16: storage of the log-probs
+    samples_per_shard: int = 256
+
+
+@dataclass
 class CompressConfig:
     # One prune -> distill round per target shape; empty = one round to prune.export_config.
     rounds: list[ExportConfigShape] = field(default_factory=list)
@@ -154,6 +181,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
     output_dir: str = "outputs/run"
     resume: bool = False
 
@@ -171,6 +200,9 @@ _CHOICES = {
     "prune.fold_mode": ("proj_sum", "laco"),
     "compress.teacher": ("original", "previous"),
     "distill.fp8": (None, "e4m3", "hybrid"),
+    "distill.fp8_recipe": ("delayed", "tensorwise", "current", "blockwise", "mxfp8"),
+    "distill.fp8_amax_compute_algo": ("max", "most_recent"),
+    "offline.dtype": ("float32", "float16", "bfloat16"),
 }
 _POSITIVE = (
     "parallel.tensor_model_parallel_size",

@@ -151,7 +151,7 @@ def _hf_reference_scores(hf, rows):
     L, H, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
     sq = {"heads": torch.zeros(L, H, dtype=torch.float64), "neurons": torch.zeros(L, cfg.intermediate_size, dtype=torch.float64)}
     channel_sq = {}
-    bi_sum, bi_cnt = torch.zeros(L, dtype=torch.float64), 0
+    bi_sum = torch.zeros(L, dtype=torch.float64)
     handles = []
 
     def add(key, i, per_sample):  # per_sample [b, n]

@@ -1,7 +1,5 @@
 """The real embedded default, SmolLM2-135M-Instruct: megatron matches transformers at TP=1/3 and PP=2."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -23,8 +23,8 @@ from megaslim.model.arch import ModelArch
 class Models:
     student: object  # GPTModel (this rank's shard)
     student_arch: ModelArch
-    teacher: object
-    teacher_arch: ModelArch
+    teacher: object  # GPTModel, or None when distilling from offline teacher logits
+    teacher_arch: ModelArch  # with offline logits: the arch recorded with them
 
 
 class _Capture:
@@ -75,8 +75,23 @@ def _finite_or_raise(value: float, step: int, ckpt_root: Path) -> None:
                             f"{ckpt_root / ckpt.iter_name(last) if last is not None else 'none'}")
 
 
+def lm_only(cfg: Config) -> bool:
+    """Plain LM training (e.g. on synthetic data): no KD term, no intermediate pairs, LM loss on.
+    The teacher's forward is then skipped (it would be multiplied by 0)."""
+    d = cfg.distill
+    return d.kd_loss_scale == 0 and not d.intermediate_layer_pairs and not d.skip_lm_loss
+
+
 class Trainer:
-    def __init__(self, cfg: Config, models: Models, *, tokenizer_dir, eval_rows: Optional[torch.Tensor]):
+    """One distillation run's optimizer, scheduler, checkpoints and steps.
+
+    Modes (decided from the config and `offline`): online KD (teacher forward every micro-batch),
+    offline KD (`offline=True`: the teacher's stored top-k arrives in each micro-batch as
+    `teacher_topk_idx`/`teacher_topk_logp`, no teacher model), LM-only (`lm_only(cfg)`). FP8 when
+    `distill.fp8` is set (validated beforehand by `megaslim.distill.fp8.check_fp8`)."""
+
+    def __init__(self, cfg: Config, models: Models, *, tokenizer_dir, eval_rows: Optional[torch.Tensor],
+                 offline: bool = False):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -97,7 +112,14 @@ class Trainer:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=self.dp > 1)
         self.ddp = DistributedDataParallel(student.config, ddp_config, student)
-        self.model = DistillModel(self.ddp, models.teacher)
+        self.offline = offline
+        self.lm_only = not offline and lm_only(cfg)
+        from megaslim.distill import fp8
+
+        settings = fp8.settings_from_config(cfg)
+        self.fp8 = fp8.Fp8Context(settings) if settings is not None else None
+        teacher = None if (offline or self.lm_only) else models.teacher
+        self.model = DistillModel(self.ddp, teacher, fp8=self.fp8)
         opt_config = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=0.9,
             adam_beta2=0.95, adam_eps=1e-8, clip_grad=t.clip_grad, bf16=student.config.bf16,
@@ -162,10 +184,20 @@ class Trainer:
         s_logits, t_logits = output
         mask = batch["loss_mask"]
         d = self.cfg.distill
-        kd = losses.logit_kd_loss(student_logits=s_logits, teacher_logits=t_logits, loss_mask=mask,
-                                  vocab_size=self.models.student_arch.vocab_size, kind=d.kl,
-                                  temperature=d.logit_kl_temperature, beta=d.jsd_beta,
-                                  top_k=d.top_k if d.kl == "topk" else None)
+        if self.offline:
+            from megaslim.distill.offline import offline_topk_kl_per_token
+
+            kd = losses.masked_mean(offline_topk_kl_per_token(
+                student_logits=s_logits, topk_idx=batch["teacher_topk_idx"], topk_logp=batch["teacher_topk_logp"],
+                vocab_size=self.models.student_arch.vocab_size, temperature=d.logit_kl_temperature,
+                top_k=d.top_k), mask)
+        elif self.lm_only:
+            kd = torch.zeros((), dtype=torch.float32, device=s_logits.device)
+        else:
+            kd = losses.logit_kd_loss(student_logits=s_logits, teacher_logits=t_logits, loss_mask=mask,
+                                      vocab_size=self.models.student_arch.vocab_size, kind=d.kl,
+                                      temperature=d.logit_kl_temperature, beta=d.jsd_beta,
+                                      top_k=d.top_k if d.kl == "topk" else None)
         lm = None
         if not d.skip_lm_loss:
             from megaslim.model.logits import vocab_parallel_ce
@@ -203,7 +235,8 @@ class Trainer:
                 forward_step_func=self._forward_step, data_iterator=iter(micro_batches), model=[self.model],
                 num_microbatches=len(micro_batches), seq_length=self.cfg.data.seq_length,
                 micro_batch_size=t.micro_batch_size, forward_only=False,
-                **({"adjust_tensor_shapes_fn": self.model.adjust_tensor_shapes} if self.pp > 1 else {}))
+                **({"adjust_tensor_shapes_fn": self.model.adjust_tensor_shapes}
+                   if self.pp > 1 and self.model.teacher is not None else {}))
         finally:
             for cap in (self._s_cap, self._t_cap):
                 if cap is not None:

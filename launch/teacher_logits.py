@@ -1,0 +1,30 @@
+"""Offline teacher logits: run the teacher once over the samples a distillation run will read and
+store its top-k log-probs (k = distill.top_k), so distillation can run without the teacher.
+
+torchrun --nproc-per-node N launch/teacher_logits.py --config CONFIG [key.sub=value ...] \
+    [offline.dtype=float32|float16|bfloat16] [offline.samples_per_shard=256]
+The teacher is distill.teacher.load (or model.load); the samples are those of data.train_path with
+data.seq_length, train.train_iters x train.global_batch_size and train.seed -- use the same values in
+the distillation run. Outputs in <output_dir>: teacher_logits.json (index, written last), shards/
+(safetensors), tokenizer/; output_dir must be visible to every rank (shared filesystem on multi-node
+jobs). Any TP/PP/DP may compute them and any TP/PP/DP may distill from them. Then distill with
+    launch/distill.py ... distill.teacher.load=<output_dir> distill.kl=topk distill.student.load=STUDENT
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megaslim.runtime import main_guard  # noqa: E402
+
+
+def main():
+    from megaslim.distill.generate import parse_args_with_section
+    from megaslim.distill.offline import OfflineSettings, precompute
+
+    cfg, settings = parse_args_with_section(__doc__, "offline", OfflineSettings)
+    precompute(cfg, settings)
+
+
+if __name__ == "__main__":
+    main_guard(main)

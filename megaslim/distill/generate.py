@@ -1,0 +1,340 @@
+"""Synthetic data: the teacher continues prompts drawn from the corpus (batched sampling with
+temperature / top-p) into a JSONL corpus the student then trains on with plain LM loss.
+
+Prompts: `generate.num_prompts` windows of `generate.prompt_length` tokens taken at seeded random
+positions inside the documents of `data.train_path` (the trailing EOS of a document is never part of
+a window), or the documents of `generate.prompts_path` (JSONL "text" / .txt), tokenized without BOS.
+Prompts of equal length are batched together, so no padding and no attention masks are needed.
+
+Decoding: megatron-core's static KV cache (`StaticInferenceContext`: prompt prefill, then one token per
+step), which 0.16.1 provides and which runs on CPU with the local layer spec (tested equal to full
+recompute); `generate.kv_cache=false` recomputes the whole sequence for every new token instead.
+TP shards the model (logits are gathered for sampling only, one position per step); DP splits the
+batches; PP is refused (generation runs one stage). Sampling is seeded per batch from
+`generate.seed` (default `train.seed`), so the output does not depend on the DP layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megaslim.config import GenerateConfig
+from megaslim.errors import MegaslimError
+
+
+GenerateSettings = GenerateConfig  # the `generate` section of megaslim/config.py
+
+
+def check_settings(s: GenerateSettings) -> None:
+    problems = []
+    for name in ("num_prompts", "prompt_length", "max_new_tokens", "batch_size"):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            problems.append(f"generate.{name} must be an integer >= 1 (got {v!r})")
+    if not s.temperature >= 0:
+        problems.append(f"generate.temperature must be >= 0 (got {s.temperature}); 0 means greedy")
+    if not 0 < s.top_p <= 1:
+        problems.append(f"generate.top_p must be in (0, 1] (got {s.top_p})")
+    if problems:
+        raise MegaslimError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# config bridge: `section.*` keys beside the main schema
+# --------------------------------------------------------------------------------------------------
+def parse_args_with_section(description: str, section: str, schema=None, argv: Optional[Sequence[str]] = None):
+    """(Config, its `section`): `cli.parse_args` plus the section a launcher works from."""
+    from megaslim.cli import parse_args
+
+    cfg = parse_args(description, argv)
+    return cfg, getattr(cfg, section)
+
+
+# --------------------------------------------------------------------------------------------------
+# prompts
+# --------------------------------------------------------------------------------------------------
+def draw_prompts(prefix, *, num_prompts: int, prompt_length: int, seed: int) -> list[list[int]]:
+    """`num_prompts` windows of `prompt_length` tokens from the documents of an indexed dataset, at
+    seeded random positions (documents weighted by how many windows they hold; the last token of a
+    document, its EOS, is never included)."""
+    import numpy as np
+
+    from megaslim.data.indexed import open_indexed
+
+    ds = open_indexed(prefix)
+    lengths = ds.sequence_lengths.astype(np.int64)
+    windows = np.maximum(lengths - prompt_length, 0)  # starts 0..len-1-L: the window ends before EOS
+    if num_prompts < 1:
+        raise MegaslimError("empty prompt set: generate.num_prompts must be >= 1")
+    if windows.sum() == 0:
+        raise MegaslimError(
+            f"empty prompt set: no document of {prefix} holds more than generate.prompt_length="
+            f"{prompt_length} tokens; use a shorter prompt_length, a larger corpus, or generate.prompts_path")
+    rng = np.random.default_rng(seed)
+    docs = rng.choice(len(lengths), size=num_prompts, p=windows / windows.sum())
+    offsets = (rng.random(num_prompts) * windows[docs]).astype(np.int64)
+    return [ds.get(int(d), offset=int(o), length=prompt_length).astype(np.int64).tolist()
+            for d, o in zip(docs, offsets)]
+
+
+def prompts_from_file(path, tokenizer, *, num_prompts: int) -> list[list[int]]:
+    """The first `num_prompts` documents of a .jsonl ("text") / .txt file, tokenized without BOS."""
+    from megaslim.data.packing import read_documents
+
+    out = []
+    for lineno, text in enumerate(read_documents(path), 1):
+        if len(out) == num_prompts:
+            break
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if isinstance(text, str) else list(text)
+        if not ids:
+            raise MegaslimError(f"{path}: prompt {lineno} is empty")
+        out.append([int(i) for i in ids])
+    if not out:
+        raise MegaslimError(f"empty prompt set: {path} holds no prompts")
+    return out
+
+
+def make_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped into batches of equal prompt length (deterministic order)."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and len(prompts[batches[-1][0]]) == len(prompts[i]):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------------
+def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids [b] from logits [b, V] (real vocabulary only): greedy at temperature 0, else
+    softmax(logits / temperature) restricted to the smallest set of tokens whose probability reaches
+    top_p (the most probable token is always kept)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more probable tokens
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _last_logits_full_recompute(model, tokens: torch.Tensor) -> torch.Tensor:
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    shard = model(tokens, pos, None)[:, -1].contiguous()  # [b, V/TP]
+    return gather_from_tensor_model_parallel_region(shard)
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: torch.Tensor, *, vocab_size: int, max_new_tokens: int,
+                   temperature: float, top_p: float, generator: Optional[torch.Generator],
+                   eos_id: Optional[int], kv_cache: bool = True) -> list[list[int]]:
+    """Continuations (new tokens, cut after the first EOS when eos_id is given) of equal-length
+    prompts [b, L] by this rank's model shard (PP=1; every TP rank calls it and gets the same ids)."""
+    from megatron.core import parallel_state as ps
+
+    model.eval()
+    device = next(model.parameters()).device
+    b, length = prompts.shape
+    tokens = prompts.to(device=device, dtype=torch.long)
+    ctx = None
+    if kv_cache:
+        static_context = static_inference_context_class()
+        if static_context is not None:
+            ctx = static_context(b, length + max_new_tokens)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    step_in = tokens
+    tp_world = ps.get_tensor_model_parallel_world_size()
+    for step in range(max_new_tokens):
+        if ctx is not None:
+            start = ctx.sequence_len_offset
+            pos = torch.arange(start, start + step_in.shape[1], device=device).unsqueeze(0).expand(b, -1)
+            logits = model(step_in, pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
+            ctx.sequence_len_offset += step_in.shape[1]
+        else:
+            logits = _last_logits_full_recompute(model, tokens)
+        nxt = sample_next(logits[:, :vocab_size], temperature=temperature, top_p=top_p, generator=generator)
+        if tp_world > 1:  # identical already (same gathered logits, same generator); make it certain
+            dist.broadcast(nxt, src=ps.get_tensor_model_parallel_src_rank(),
+                           group=ps.get_tensor_model_parallel_group())
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        tokens = torch.cat([tokens, nxt.unsqueeze(1)], dim=1)
+        step_in = nxt.unsqueeze(1)
+        if eos_id is not None and bool(done.all()):
+            break
+    out = []
+    for row in tokens[:, length:].tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id) + 1]
+        out.append(row)
+    return out
+
+
+def static_inference_context_class():
+    """megatron-core's static-batching KV cache (0.16.1 and the current releases), or None where a
+    release no longer has it: generation then recomputes the full sequence per token."""
+    try:
+        from megatron.core.inference.contexts.static_context import StaticInferenceContext
+    except ImportError:
+        try:
+            from megatron.core.inference.contexts import StaticInferenceContext
+        except ImportError:
+            return None
+    return StaticInferenceContext
+
+
+def batch_generator(seed: int, batch_no: int, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + batch_no) % (2 ** 63))
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------------
+def write_jsonl_atomic(path, records: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def to_record(tokenizer, prompt: list[int], completion: list[int], eos_id: Optional[int]) -> dict:
+    finished = eos_id is not None and bool(completion) and completion[-1] == eos_id
+    body = completion[:-1] if finished else completion
+    return {"text": tokenizer.decode(prompt + body), "prompt": tokenizer.decode(prompt),
+            "completion": tokenizer.decode(body), "prompt_tokens": len(prompt),
+            "completion_tokens": len(body), "finished": finished}
+
+
+# --------------------------------------------------------------------------------------------------
+# launch/generate.py
+# --------------------------------------------------------------------------------------------------
+def prepare(cfg, s: GenerateSettings) -> dict:
+    """Every check and the prompt set, before distributed work."""
+    from megaslim.data.corpora import data_path
+    from megaslim.data.indexed import cached_indexed
+    from megaslim.model.arch import check_parallel_layout
+    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.runtime.distributed import check_layout
+    from megaslim.tokenizer import load_tokenizer
+
+    check_settings(s)
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if pp != 1:
+        raise MegaslimError(f"generation runs at parallel.pipeline_model_parallel_size=1 (got {pp}); "
+                            "shard a large teacher with tensor parallelism instead")
+    dp = check_layout(int(os.environ.get("WORLD_SIZE", "1")), tp, pp)
+    src = resolve_source(cfg.distill.teacher.load or cfg.model.load)
+    arch = source_arch(src)
+    check_parallel_layout(arch, tp, pp)
+    tokenizer = load_tokenizer(cfg.model, src)
+    seed = cfg.train.seed if s.seed is None else s.seed
+    if s.prompts_path:
+        prompts = prompts_from_file(s.prompts_path, tokenizer, num_prompts=s.num_prompts)
+        source = str(s.prompts_path)
+    else:
+        source = str(data_path(cfg.data.train_path, "data.train_path"))
+        prefix = cached_indexed(source, tokenizer)
+        prompts = draw_prompts(prefix, num_prompts=s.num_prompts, prompt_length=s.prompt_length, seed=seed)
+    longest = max(len(p) for p in prompts) + s.max_new_tokens
+    if longest > arch.max_position_embeddings:
+        raise MegaslimError(f"prompt ({longest - s.max_new_tokens} tokens) + generate.max_new_tokens="
+                            f"{s.max_new_tokens} exceeds the teacher's max_position_embeddings="
+                            f"{arch.max_position_embeddings}")
+    output = Path(s.output) if s.output else Path(cfg.output_dir) / "synthetic.jsonl"
+    if output.exists() and output.is_dir():
+        raise MegaslimError(f"generate.output={output} is a directory")
+    return dict(source=src, arch=arch, tokenizer=tokenizer, prompts=prompts, prompt_source=source,
+                seed=seed, output=output, dp=dp)
+
+
+def run_generate(cfg, s: GenerateSettings) -> dict:
+    from dataclasses import asdict, replace
+
+    from tqdm import tqdm
+
+    from megaslim import cli
+    from megaslim.model.load import load_model
+    from megatron.core import parallel_state as ps
+
+    timer = cli.Timer()
+    p = prepare(cfg, s)
+    rt = cli.start(cfg)
+    model, arch, _ = load_model(replace(cfg.model, load=None), p["source"])
+    model.eval()
+    tok, prompts = p["tokenizer"], p["prompts"]
+    eos = tok.eos_token_id if s.stop_at_eos else None
+    batches = make_batches(prompts, s.batch_size)
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = [(j, b) for j, b in enumerate(batches) if j % dp == dp_rank]
+    device = next(model.parameters()).device
+    results: dict[int, list[int]] = {}
+    gen_t0 = time.time()
+    bar = tqdm(total=len(prompts), desc="generate", unit=" prompts", disable=not rt.is_rank0,
+               dynamic_ncols=True)
+    for j, idx in mine:
+        batch = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
+        outs = generate_batch(model, batch, vocab_size=arch.vocab_size, max_new_tokens=s.max_new_tokens,
+                              temperature=s.temperature, top_p=s.top_p,
+                              generator=batch_generator(p["seed"], j, device), eos_id=eos, kv_cache=s.kv_cache)
+        results.update(zip(idx, outs))
+        bar.update(len(idx) * dp)  # the other DP ranks progress alike
+    bar.close()
+    gen_seconds = time.time() - gen_t0
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results if ps.get_tensor_model_parallel_rank() == 0 else None)
+    summary = {}
+    if rt.is_rank0:
+        merged: dict[int, list[int]] = {}
+        for g in gathered:
+            merged.update(g or {})
+        records = [to_record(tok, prompts[i], merged[i], eos) for i in range(len(prompts))]
+        write_jsonl_atomic(p["output"], records)
+        new_tokens = sum(len(merged[i]) for i in range(len(prompts)))
+        summary = {
+            "output": str(p["output"]), "num_prompts": len(prompts), "prompt_source": p["prompt_source"],
+            "teacher": str(p["source"].label), "generated_tokens": new_tokens,
+            "finished": sum(r["finished"] for r in records), "seconds": round(timer.seconds, 2),
+            "tokens_per_s": new_tokens / max(gen_seconds, 1e-9), "seed": p["seed"],
+            "settings": asdict(s) if hasattr(s, "__dataclass_fields__") else dict(s),
+        }
+        cli.write_json(Path(cfg.output_dir) / "generate.json", summary)
+    dist.barrier()
+    cli.summary_table("megaslim generate", [
+        ("teacher", f"{p['source'].label} ({arch.num_params():,} params)"),
+        ("prompts", f"{len(prompts)} from {p['prompt_source']}"),
+        ("sampling", f"temperature={s.temperature} top_p={s.top_p} max_new_tokens={s.max_new_tokens} "
+                     f"kv_cache={s.kv_cache}"),
+        ("generated tokens", summary.get("generated_tokens", "-")),
+        ("tokens/s", round(summary["tokens_per_s"], 1) if summary else "-"),
+        ("seconds", round(timer.seconds, 1)), ("output", p["output"]),
+    ])
+    return summary
