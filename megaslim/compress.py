@@ -128,20 +128,13 @@ def _table(result: dict) -> None:
 
 
 def _plot_family(result: dict, path: Path) -> None:
-    import matplotlib
+    from megaslim.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     rs = result["rounds"]
     ax.scatter([result["source_params"] / 1e6], [rs[0]["teacher_loss"]], marker="*", s=150, label="teacher")
     ax.plot([r["params"] / 1e6 for r in rs], [r["pruned_loss"] for r in rs], "x--", label="pruned")
     ax.plot([r["params"] / 1e6 for r in rs], [r["distilled_loss"] for r in rs], "o-", label="pruned + distilled")
     ax.set(xlabel="parameters (M)", ylabel="held-out loss", title="compressed family")
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)

@@ -56,6 +56,7 @@ def test_steps_identical_at_tp2_pp2_dp2_tp2pp2(tiny_llama_tok, plan, tmp_path):
     summary = json.loads((base / "distill.json").read_text())
     assert summary["steps"] == 3 and summary["tokens"] == 3 * 8 * 32
     assert (base / "loss_curve.png").is_file()
+    assert list((base / "tensorboard").glob("events.out.tfevents.*"))
     for key, out in runs.items():
         losses = _losses(out)
         for step in (1, 2, 3):

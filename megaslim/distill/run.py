@@ -248,6 +248,11 @@ def run(cfg: Config) -> dict:
                                 **({"teacher_eval_loss": teacher_loss} if teacher_loss is not None else {})})
     from tqdm import tqdm
 
+    board = None
+    if rt.is_rank0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(out / "tensorboard"), purge_step=trainer.step + 1 if resumed else None)
     bar = tqdm(total=t.train_iters, initial=trainer.step, desc="distill", disable=not rt.is_rank0,
                dynamic_ncols=True)
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
@@ -267,6 +272,9 @@ def run(cfg: Config) -> dict:
             record["eval_loss"] = last_eval["loss"]
         if rt.is_rank0:
             write_metrics(metrics, record)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    board.add_scalar(f"distill/{key}", value, trainer.step)
         saving = cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
         exiting = t.exit_interval and trainer.step % t.exit_interval == 0
         if saving or exiting or trainer.step == stop_at:
@@ -274,6 +282,8 @@ def run(cfg: Config) -> dict:
         if exiting and trainer.step < stop_at:
             break
     bar.close()
+    if board is not None:
+        board.close()
     result = {
         "teacher_eval_loss": teacher_loss, "student_eval_loss_start": first_eval["loss"],
         "student_eval_loss": last_eval["loss"], "steps": trainer.step,

@@ -289,10 +289,9 @@ def write_metrics(path: Path, record: dict) -> None:
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Optional[Path]:
-    import matplotlib
+    from megaslim.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if "loss" in r]
@@ -312,12 +311,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Optional[Path]:
         ax2.legend(loc="upper right")
     ax.set(xlabel="step", ylabel="train loss", title="distillation")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    return save_png(fig, out_png)
 
 
 def now() -> float:

@@ -7,10 +7,9 @@ from megaslim.importance.scores import ImportanceScores
 
 
 def plot_importance(scores: ImportanceScores, out_dir: str | Path) -> list[Path]:
-    import matplotlib
+    from megaslim.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,11 +44,6 @@ def plot_importance(scores: ImportanceScores, out_dir: str | Path) -> list[Path]
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from megaslim.figures import save_png
 
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path)
