@@ -113,18 +113,20 @@ def _table(result: dict) -> None:
     from rich.table import Table
 
     t = Table(title="megaslim compress: the model family")
-    for col in ("model", "params", "held-out loss (ppl)", "tokens", "prune s", "distill s", "HF export"):
-        t.add_column(col)
+    for col in ("model", "params", "held-out loss", "ppl", "tokens", "seconds"):
+        t.add_column(col, no_wrap=True)
     first = result["rounds"][0]
-    t.add_row("teacher", f"{result['source_params']:,}",
-              f"{first['teacher_loss']:.4f} ({math.exp(first['teacher_loss']):.2f})", "-", "-", "-", "-")
+    t.add_row("teacher", f"{result['source_params'] / 1e6:.2f}M", f"{first['teacher_loss']:.4f}",
+              f"{math.exp(first['teacher_loss']):.2f}", "-", "-")
     for r in result["rounds"]:
-        t.add_row(f"round {r['round']} pruned", f"{r['params']:,}",
-                  f"{r['pruned_loss']:.4f} ({math.exp(r['pruned_loss']):.2f})", "-", f"{r['prune_seconds']:.0f}", "-", "-")
-        t.add_row(f"round {r['round']} distilled", f"{r['params']:,}",
-                  f"{r['distilled_loss']:.4f} ({math.exp(r['distilled_loss']):.2f})", f"{r['tokens']:,}", "-",
-                  f"{r['distill_seconds']:.0f}", r["hf_dir"])
-    Console().print(t)
+        t.add_row(f"round {r['round']} pruned", f"{r['params'] / 1e6:.2f}M", f"{r['pruned_loss']:.4f}",
+                  f"{math.exp(r['pruned_loss']):.2f}", "-", f"{r['prune_seconds']:.0f}")
+        t.add_row(f"round {r['round']} distilled", f"{r['params'] / 1e6:.2f}M", f"{r['distilled_loss']:.4f}",
+                  f"{math.exp(r['distilled_loss']):.2f}", f"{r['tokens']:,}", f"{r['distill_seconds']:.0f}")
+    console = Console()
+    console.print(t)
+    for r in result["rounds"]:
+        console.print(f"round {r['round']}: HF export {r['hf_dir']}, checkpoint {r['checkpoint']}", soft_wrap=True)
 
 
 def _plot_family(result: dict, path: Path) -> None:
