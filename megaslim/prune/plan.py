@@ -99,7 +99,8 @@ def target_shape(arch: ModelArch, export_config, *, tp: int, hf_export: bool) ->
         if want[k] % tp:
             raise MegaslimError(f"prune.export_config.{k}={want[k]} is not divisible by TP={tp}; nearest valid: "
                                 f"{_nearest(want[k], tp, getattr(arch, k))}")
-    if hf_export and want["hidden_size"] % heads:
+    # transformers 5 checks hidden % heads for Llama-family configs (not for Nemotron's)
+    if hf_export and arch.family != "nemotron" and want["hidden_size"] % heads:
         raise MegaslimError(
             f"transformers refuses hidden_size={want['hidden_size']} with num_attention_heads={heads} "
             f"(hidden must be a multiple of heads) and export.hf_dir is set; nearest valid hidden sizes: "
