@@ -1,4 +1,4 @@
-"""Tiny random HF Llama models for tests (8 heads in 4 groups, so TP=2 and group pruning work)."""
+"""Tiny random HF decoders for tests (8 heads in 4 groups, so TP=2 and group pruning work)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,26 +8,35 @@ import torch
 
 def make_tiny_llama(path: str | Path, *, seed: int = 0, tie: bool = True, layers: int = 4,
                     hidden: int = 64, heads: int = 8, groups: int = 4, ffn: int = 128,
-                    vocab: int = 250, family: str = "llama", tokenizer: bool = False) -> Path:
-    """With tokenizer=True a byte-level BPE of 320 tokens is trained and saved beside the weights."""
+                    vocab: int = 250, family: str = "llama", tokenizer: bool = False,
+                    head_dim: int | None = None, random_biases: bool = False, **config) -> Path:
+    """A tiny random HF decoder of `family` (llama | mistral | qwen2 | qwen3 | nemotron), built from its
+    transformers config class. With tokenizer=True a byte-level BPE of 320 tokens is trained and saved
+    beside the weights. `head_dim` defaults to hidden // heads; `random_biases` draws every bias (qwen2
+    inits its QKV biases to zero); other keyword arguments go to the config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if tokenizer:
         vocab = 320
         add_tiny_tokenizer(path, vocab)
-    cfg = AutoConfig.for_model(
-        family, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+    eps_key = "norm_eps" if family == "nemotron" else "rms_norm_eps"
+    kwargs = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=groups,
-        head_dim=hidden // heads, rope_theta=10000.0, tie_word_embeddings=tie,
-        max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        head_dim=head_dim or hidden // heads, rope_theta=10000.0, tie_word_embeddings=tie,
+        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **{eps_key: 1e-5},
     )
+    kwargs.update(config)
+    cfg = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # non-trivial norms so a mis-mapped norm weight is caught
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif random_biases and name.endswith("bias"):
+                p.normal_()
     model.save_pretrained(str(path), safe_serialization=True)
     return path
 

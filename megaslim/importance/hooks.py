@@ -83,7 +83,9 @@ class HeadHook(MagnitudeHook):
 
 
 class NeuronHook(MagnitudeHook):
-    """MLP neurons: |linear_fc2 input| (post-activation, `fc2_input`) or |up projection| (`fc1_output`)."""
+    """MLP neurons: |linear_fc2 input| (post-activation, `fc2_input`) or |X W1^T| (`fc1_output`): the up
+    projection of a gated (SwiGLU) MLP, the whole fc1 output of a non-gated one (squared ReLU: fc1 row i is
+    neuron i). `gated` must be the model's `config.gated_linear_unit`."""
     kind = "neurons"
 
     def __init__(self, mlp, ctx, layer, *, ffn_local: int, signal: str, seq_agg: str, gated: bool = True):
@@ -97,7 +99,10 @@ class NeuronHook(MagnitudeHook):
 
     def _fc1_out(self, module, args, output):
         out = output[0] if isinstance(output, tuple) else output
-        # Each TP shard of a gated fc1 is [gate_r; up_r]: the up rows are the second half.
+        if out.shape[-1] != (2 if self.gated else 1) * self.ffn_local:
+            raise ValueError(f"linear_fc1 output width {out.shape[-1]} does not fit ffn_local={self.ffn_local} "
+                             f"with gated={self.gated}")
+        # Each TP shard of a gated fc1 is [gate_r; up_r]: the up rows are the second half. Non-gated: all of it.
         up = out[..., self.ffn_local:] if self.gated else out
         self.accumulate(up.detach().float().abs())
 

@@ -1,4 +1,4 @@
-"""`ModelArch`: the shape of a Llama-family decoder, independent of where its weights come from."""
+"""`ModelArch`: the shape of a decoder (Llama family or Nemotron), independent of where its weights come from."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,13 +24,23 @@ class ModelArch:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     qk_layernorm: bool = False
-    family: str = "llama"  # HF model_type the weights came from (llama | mistral | qwen2 | qwen3)
+    family: str = "llama"  # HF model_type the weights came from (llama | mistral | qwen2 | qwen3 | nemotron)
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     rope_scaling: Optional[dict] = field(default=None)
+    # Fields below were added for Nemotron; `to_dict` leaves them out while they hold the Llama defaults, so
+    # architectures written before they existed (plans, checkpoints, offline-logit metadata) compare equal.
+    gated: bool = True  # linear_fc1 = [gate; up] (SwiGLU); False: one up projection (fc1 rows = neurons)
+    activation: str = "silu"  # silu | relu2 (squared ReLU)
+    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm1P (LayerNorm with bias, scale stored w, applied 1 + w)
+    rotary_percent: float = 1.0  # fraction of head_dim that RoPE rotates (Nemotron: partial_rotary_factor)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for f in _OPTIONAL_FIELDS:
+            if d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArch":
@@ -53,9 +63,14 @@ class ModelArch:
         q, kv = self.num_attention_heads * hd, self.num_query_groups * hd
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
         attn += 2 * hd if self.qk_layernorm else 0
-        per_layer = attn + 3 * h * f + 2 * h
+        norm = 2 * h if self.normalization == "LayerNorm1P" else h  # weight (+ bias)
+        per_layer = attn + (3 if self.gated else 2) * h * f + 2 * norm
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + emb + h
+        return self.num_layers * per_layer + emb + norm
+
+
+_OPTIONAL_FIELDS = [f for f in dataclasses.fields(ModelArch)
+                    if f.name in ("gated", "activation", "normalization", "rotary_percent")]
 
 
 def check_parallel_layout(arch: ModelArch, tp: int, pp: int) -> None:
@@ -88,3 +103,21 @@ def _fits(arch: ModelArch, tp: int) -> bool:
         getattr(arch, n) % tp == 0
         for n in ("num_attention_heads", "num_query_groups", "ffn_hidden_size")
     )
+
+
+# megatron's llama3 RoPE scaling takes only `factor`; the other parameters are fixed to these values.
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def check_rope_scaling(scaling: Optional[dict]) -> None:
+    """Refuse RoPE scaling megatron-core would not reproduce: only llama3 (with its fixed parameters)."""
+    if not scaling:
+        return
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise MegaslimError(
+            f"RoPE scaling rope_type={kind!r} is not supported (only 'llama3' is implemented): {scaling}")
+    off = {k: scaling[k] for k, v in LLAMA3_ROPE_FIXED.items() if k in scaling and float(scaling[k]) != v}
+    if off:
+        raise MegaslimError(
+            f"llama3 RoPE scaling with {off} is not supported: megatron-core fixes {LLAMA3_ROPE_FIXED}")

@@ -8,9 +8,37 @@ import torch.nn.functional as F
 
 from megaslim.config import ModelConfig
 from megaslim.errors import MegaslimError
-from megaslim.model.arch import ModelArch, check_parallel_layout
+from megaslim.model.arch import ModelArch, check_parallel_layout, check_rope_scaling
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _squared_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.pow(F.relu(x), 2)
+
+
+def _activation(name: str):
+    """megatron's squared_relu is wrapped in torch.compile (jit_fuser): on GPU that fuses it; on CPU it would
+    cost seconds per process and need a C++ toolchain, so the same formula runs eagerly there."""
+    from megatron.core.activations import squared_relu
+
+    funcs = {"silu": F.silu, "relu2": squared_relu if torch.cuda.is_available() else _squared_relu}
+    if name not in funcs:
+        raise MegaslimError(f"unsupported MLP activation {name!r}; supported: {sorted(funcs)}")
+    return funcs[name]
+
+
+class LayerNorm1P(torch.nn.LayerNorm):
+    """LayerNorm with bias whose scale is stored zero-centred (w) and applied as 1 + w: Nemotron's
+    LayerNorm1P, megatron's `layernorm_zero_centered_gamma`. For the local spec, whose torch norm wrapper
+    refuses zero-centred gamma (apex's fused norm, the only local one that supports it, needs CUDA)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        torch.nn.init.zeros_(self.weight)  # 1 + 0: the identity scale, like megatron's own init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -24,6 +52,9 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, *, tp: int, pp: 
 
     dtype = _DTYPES[model_cfg.params_dtype]
     on_gpu = torch.cuda.is_available()
+    if arch.normalization not in ("RMSNorm", "LayerNorm1P"):
+        raise MegaslimError(f"unsupported normalization {arch.normalization!r} (RMSNorm | LayerNorm1P)")
+    layer_norm_1p = arch.normalization == "LayerNorm1P"
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -31,10 +62,11 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, *, tp: int, pp: 
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
         kv_channels=arch.kv_channels,
-        normalization="RMSNorm",
+        normalization="LayerNorm" if layer_norm_1p else "RMSNorm",
+        layernorm_zero_centered_gamma=layer_norm_1p,
         layernorm_epsilon=arch.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
+        gated_linear_unit=arch.gated,
+        activation_func=_activation(arch.activation),
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         qk_layernorm=arch.qk_layernorm,
@@ -62,6 +94,8 @@ def layer_spec(impl: str, config, arch: ModelArch):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == "local":
+        if arch.normalization == "LayerNorm1P":
+            return _local_layer_norm_1p_block(config, arch)
         return gpt_layer_specs.get_gpt_layer_local_spec(
             normalization="RMSNorm", qk_layernorm=arch.qk_layernorm
         )
@@ -82,6 +116,25 @@ def layer_spec(impl: str, config, arch: ModelArch):
     return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
 
 
+def _local_layer_norm_1p_block(config, arch: ModelArch):
+    """The local layer spec with every norm (the final one too) a `LayerNorm1P`: a block spec, since a
+    layer spec would give the final norm megatron's default implementation."""
+    from dataclasses import replace
+
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="LayerNorm", qk_layernorm=arch.qk_layernorm)
+    sub = replace(spec.submodules, input_layernorm=LayerNorm1P, pre_mlp_layernorm=LayerNorm1P)
+    if arch.qk_layernorm:
+        attn = spec.submodules.self_attention
+        sub.self_attention = replace(attn, submodules=replace(
+            attn.submodules, q_layernorm=LayerNorm1P, k_layernorm=LayerNorm1P))
+    spec = replace(spec, submodules=sub)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=LayerNorm1P)
+
+
 def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = False):
     """This rank's GPTModel shard. With init_weights=False the weights are left for a loader to fill."""
     from megatron.core import parallel_state as ps
@@ -91,9 +144,8 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = F
     pp = ps.get_pipeline_model_parallel_world_size()
     check_parallel_layout(arch, tp, pp)
     config = transformer_config(arch, model_cfg, tp=tp, pp=pp, init_weights=init_weights)
-    rope_scaling = bool(arch.rope_scaling) and arch.rope_scaling.get("rope_type") == "llama3"
-    if arch.rope_scaling and not rope_scaling:
-        raise MegaslimError(f"rope_scaling {arch.rope_scaling} is not supported (only llama3)")
+    check_rope_scaling(arch.rope_scaling)  # None, or llama3 with megatron's fixed parameters
+    rope_scaling = bool(arch.rope_scaling)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model_cfg.transformer_impl, config, arch),
@@ -105,6 +157,7 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = F
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(arch.rotary_base),
+        rotary_percent=arch.rotary_percent,
         rope_scaling=rope_scaling,
         rope_scaling_factor=(arch.rope_scaling or {}).get("factor", 8.0),
     )

@@ -1,7 +1,9 @@
-"""Hugging Face bridge for the Llama family: HF dir <-> megatron GPTModel at any TP/PP.
+"""Hugging Face bridge for Llama-family decoders (llama, mistral, qwen2, qwen3) and Nemotron.
 
-The name/layout rules are the table `_LAYER_MAP`; TP sharding is in `megaslim.model.layout`.
-Weights are read with safetensors (or `torch.load(weights_only=True)`), never unpickled.
+The name/layout rules are the table `_LAYER_MAP`; what each family adds (QKV bias, QK layernorm, a
+non-gated squared-ReLU MLP, LayerNorm1P) is the table `_FAMILIES`; TP sharding is in
+`megaslim.model.layout`. Weights are read with safetensors (or `torch.load(weights_only=True)`), never
+unpickled. Configs with features megaslim would not reproduce are refused by name (`check_hf_config`).
 """
 from __future__ import annotations
 
@@ -10,21 +12,36 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from megaslim.errors import MegaslimError
-from megaslim.model.arch import ModelArch
+from megaslim.model.arch import ModelArch, check_rope_scaling
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# HF model_type -> the ModelArch fields it implies (everything else comes from the config's sizes).
+_LLAMA_LIKE = dict(qkv_bias=False, qk_layernorm=False, gated=True, activation="silu", normalization="RMSNorm")
+_FAMILIES: dict[str, dict] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": dict(_LLAMA_LIKE, qkv_bias=True),  # q/k/v biases always on, o_proj without
+    "qwen3": dict(_LLAMA_LIKE, qk_layernorm=True),  # per-head RMSNorm on q and k
+    # Nemotron(-4)/Minitron: up_proj -> squared ReLU -> down_proj; LayerNorm1P (bias; scale applied as 1 + w)
+    "nemotron": dict(qkv_bias=False, qk_layernorm=False, gated=False, activation="relu2",
+                     normalization="LayerNorm1P"),
+}
+SUPPORTED_FAMILIES = tuple(_FAMILIES)
+_ACT = {"silu": "silu", "relu2": "relu2"}  # ModelArch.activation -> HF hidden_act
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 EXPORT_MARKER = "megaslim_export.json"
 
 # megatron per-layer suffix -> HF per-layer names; several names are combined (see `_combine`).
 _LAYER_MAP: dict[str, tuple[str, ...]] = {
     "input_layernorm.weight": ("input_layernorm.weight",),
+    "input_layernorm.bias": ("input_layernorm.bias",),  # LayerNorm1P
     "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight",),  # TE fused norm
+    "self_attention.linear_qkv.layer_norm_bias": ("input_layernorm.bias",),
     "self_attention.linear_qkv.weight": (
         "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
     "self_attention.linear_qkv.bias": (
@@ -33,15 +50,24 @@ _LAYER_MAP: dict[str, tuple[str, ...]] = {
     "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight",),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
+    "pre_mlp_layernorm.bias": ("post_attention_layernorm.bias",),
     "mlp.linear_fc1.layer_norm_weight": ("post_attention_layernorm.weight",),  # TE fused norm
-    "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.linear_fc1.layer_norm_bias": ("post_attention_layernorm.bias",),
+    "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),  # gated: [gate; up]
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
+}
+_NON_GATED: dict[str, tuple[str, ...]] = {  # overrides for a non-gated MLP (Nemotron): fc1 rows = neurons
+    "mlp.linear_fc1.weight": ("mlp.up_proj.weight",),
 }
 _GLOBAL_MAP: dict[str, tuple[str, ...]] = {
     "embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
     "decoder.final_layernorm.weight": ("model.norm.weight",),
+    "decoder.final_layernorm.bias": ("model.norm.bias",),
     "output_layer.weight": ("lm_head.weight",),
 }
+# TE's fused norm+linear names -> the separate norm they duplicate when both are present
+_FUSED_NORM = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+               "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -50,9 +76,10 @@ def hf_names(name: str, arch: ModelArch) -> tuple[str, ...]:
     m = _LAYER_RE.match(name)
     if m:
         i, suffix = int(m.group(1)), m.group(2)
-        if suffix not in _LAYER_MAP:
+        table = _LAYER_MAP if arch.gated else {**_LAYER_MAP, **_NON_GATED}
+        if suffix not in table:
             raise KeyError(f"no HF mapping for megatron parameter {name!r}")
-        return tuple(f"model.layers.{i}.{n}" for n in _LAYER_MAP[suffix])
+        return tuple(f"model.layers.{i}.{n}" for n in table[suffix])
     if name == "output_layer.weight" and arch.tie_word_embeddings:
         return _GLOBAL_MAP["embedding.word_embeddings.weight"]  # last PP stage's tied copy
     if name not in _GLOBAL_MAP:
@@ -87,7 +114,7 @@ def _split(name: str, full: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]
         grouped = full.reshape(g, (n + 2) * hd, *rest)
         q, k, v = grouped.split([n * hd, hd, hd], 1)
         return [q.reshape(g * n * hd, *rest), k.reshape(g * hd, *rest), v.reshape(g * hd, *rest)]
-    if ".linear_fc1.weight" in name:
+    if ".linear_fc1.weight" in name and arch.gated:
         return list(full.chunk(2, 0))
     return [full]
 
@@ -103,22 +130,71 @@ def read_hf_config(path: Path) -> dict:
     return json.loads(cfg_file.read_text())
 
 
-def arch_from_hf_config(cfg: dict) -> ModelArch:
+def _sliding_window(cfg: dict) -> Optional[int]:
+    """The attention window some layer actually uses, or None."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return None
+    types = cfg.get("layer_types")
+    if types is not None:  # transformers >= 4.54 writes the per-layer attention kind
+        used = "sliding_attention" in types
+    elif "use_sliding_window" in cfg:  # qwen2/qwen3: layers >= max_window_layers slide, if switched on
+        used = bool(cfg["use_sliding_window"]) and cfg.get("max_window_layers", 0) < cfg["num_hidden_layers"]
+    else:  # mistral: a window in the config applies to every layer
+        used = True
+    return int(window) if used else None
+
+
+def _rope(cfg: dict) -> tuple[float, Optional[dict], float]:
+    """(rope_theta, scaling or None, partial_rotary_factor) from a transformers 4 or 5 config."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = {}
+    return float(theta), (rope or None), float(partial if partial is not None else 1.0)
+
+
+def check_hf_config(cfg: dict) -> None:
+    """Refuse, naming the feature, any HF config megaslim would not convert faithfully."""
     family = cfg.get("model_type")
-    if family not in SUPPORTED_FAMILIES:
+    moe = {k: cfg[k] for k in _MOE_KEYS if cfg.get(k)}
+    if moe:
         raise MegaslimError(
-            f"unsupported architecture model_type={family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
-        )
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise MegaslimError(f"unsupported hidden_act={cfg['hidden_act']!r} (only silu/SwiGLU)")
-    if family == "mistral" and cfg.get("sliding_window"):
-        raise MegaslimError("Mistral sliding-window attention is not supported")
+            f"mixture-of-experts models are not supported ({family}: {moe}); megaslim converts dense decoders")
+    if family not in _FAMILIES:
+        raise MegaslimError(
+            f"unsupported architecture model_type={family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    act = _ACT[_FAMILIES[family]["activation"]]
+    if cfg.get("hidden_act", act) != act:
+        raise MegaslimError(f"unsupported hidden_act={cfg['hidden_act']!r} for {family} (expected {act!r})")
+    for key, what in (("attention_bias", "attention biases (bias on q/k/v and o_proj)"),
+                      ("mlp_bias", "MLP biases")):
+        if cfg.get(key):
+            raise MegaslimError(f"{family} with {key}=true ({what}) is not supported")
+    kinds = set(cfg.get("layer_types") or ()) - {"full_attention", "sliding_attention"}
+    if kinds:
+        raise MegaslimError(f"attention layer_types {sorted(kinds)} are not supported")
+    window, max_pos = _sliding_window(cfg), cfg.get("max_position_embeddings", 2048)
+    if window is not None and window < max_pos:
+        raise MegaslimError(
+            f"sliding-window attention (sliding_window={window} < max_position_embeddings={max_pos}) is not "
+            "supported: megatron would attend over the whole context. Use a model without a window, or set "
+            "sliding_window to null in config.json if you only use sequences up to the window")
+    _, scaling, partial = _rope(cfg)
+    check_rope_scaling(scaling)
+    if partial != 1.0 and family != "nemotron":
+        raise MegaslimError(
+            f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported for {family}")
+    if cfg.get("rope_interleave") or cfg.get("rotary_interleaved"):
+        raise MegaslimError("interleaved rotary embeddings are not supported")
+
+
+def arch_from_hf_config(cfg: dict) -> ModelArch:
+    check_hf_config(cfg)
+    family = cfg["model_type"]
     heads = cfg["num_attention_heads"]
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
+    theta, scaling, partial = _rope(cfg)
     eos = cfg.get("eos_token_id")
     return ModelArch(
         num_layers=cfg["num_hidden_layers"],
@@ -129,15 +205,15 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         kv_channels=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         vocab_size=cfg["vocab_size"],
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        rotary_base=float(theta),
-        norm_epsilon=cfg.get("rms_norm_eps", 1e-5),
+        rotary_base=theta,
+        norm_epsilon=cfg.get("norm_eps" if family == "nemotron" else "rms_norm_eps", 1e-5),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
-        qk_layernorm=family == "qwen3",
         family=family,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         rope_scaling=scaling,
+        rotary_percent=partial,
+        **_FAMILIES[family],
     )
 
 
@@ -180,8 +256,27 @@ class HFReader:
         return self._handles[fname].get_tensor(name)
 
 
+def _check_tie(reader: HFReader, arch: ModelArch) -> None:
+    """The config's tie_word_embeddings must agree with the weights: never use one matrix for both when
+    the checkpoint holds two different ones, nor invent an output layer."""
+    has_head = "lm_head.weight" in reader.keys()
+    if not arch.tie_word_embeddings and not has_head:
+        raise MegaslimError(
+            f"{reader.path}: config.json says tie_word_embeddings=false but the weights hold no lm_head.weight")
+    if arch.tie_word_embeddings and has_head and not torch.equal(
+            reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        raise MegaslimError(
+            f"{reader.path}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
+            "model.embed_tokens.weight (set tie_word_embeddings=false if the model is untied)")
+
+
 def hf_fetcher(reader: HFReader, arch: ModelArch) -> Callable[[str], torch.Tensor]:
+    checked = []
+
     def fetch(name: str) -> torch.Tensor:
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight") and not checked:
+            _check_tie(reader, arch)
+            checked.append(True)
         names = hf_names(name, arch)
         missing = [n for n in names if n not in reader.keys()]
         if missing:
@@ -195,30 +290,46 @@ def hf_fetcher(reader: HFReader, arch: ModelArch) -> Callable[[str], torch.Tenso
 # Writing an HF directory
 
 
+def _check_exportable(arch: ModelArch) -> None:
+    """The arch must be what its HF family can express (else the export would load as another model)."""
+    if arch.family not in _FAMILIES:
+        raise MegaslimError(f"cannot export model family {arch.family!r} to HF; supported: {SUPPORTED_FAMILIES}")
+    off = {k: getattr(arch, k) for k, v in _FAMILIES[arch.family].items() if getattr(arch, k) != v}
+    if arch.rotary_percent != 1.0 and arch.family != "nemotron":
+        off["rotary_percent"] = arch.rotary_percent
+    if off:
+        raise MegaslimError(f"cannot export as HF {arch.family}: {off} differs from what {arch.family} models have")
+    check_rope_scaling(arch.rope_scaling)
+
+
 def hf_config_dict(arch: ModelArch, dtype: str = "float32") -> dict:
     from transformers import AutoConfig
 
-    kwargs = dict(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.ffn_hidden_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_query_groups,
-        head_dim=arch.kv_channels,
-        max_position_embeddings=arch.max_position_embeddings,
-        rms_norm_eps=arch.norm_epsilon,
-        rope_theta=arch.rotary_base,
-        tie_word_embeddings=arch.tie_word_embeddings,
-        hidden_act="silu",
-        bos_token_id=arch.bos_token_id,
-        eos_token_id=arch.eos_token_id,
-        torch_dtype=dtype,
-    )
+    _check_exportable(arch)
+    eps_key = "norm_eps" if arch.family == "nemotron" else "rms_norm_eps"
+    kwargs = {
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_query_groups,
+        "head_dim": arch.kv_channels,
+        "max_position_embeddings": arch.max_position_embeddings,
+        eps_key: arch.norm_epsilon,
+        "rope_theta": arch.rotary_base,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "hidden_act": _ACT[arch.activation],
+        "bos_token_id": arch.bos_token_id,
+        "eos_token_id": arch.eos_token_id,
+        "torch_dtype": dtype,
+    }
+    if arch.family == "nemotron":
+        kwargs["partial_rotary_factor"] = arch.rotary_percent
+    if arch.family == "mistral":
+        kwargs["sliding_window"] = None  # converted models attend over the whole context
     if arch.rope_scaling:
         kwargs["rope_scaling"] = dict(arch.rope_scaling, rope_theta=arch.rotary_base)
-    if arch.family == "llama" and arch.qkv_bias:
-        kwargs["attention_bias"] = True
     cfg = AutoConfig.for_model(arch.family, **kwargs)
     cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
     return cfg.to_dict()
@@ -229,9 +340,8 @@ def megatron_to_hf_tensors(state: dict[str, torch.Tensor], arch: ModelArch) -> d
     for name, full in state.items():
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue
-        if name.endswith("layer_norm_weight") and name.replace(
-                "self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight") in state:
-            continue
+        if any(fused in name and name.replace(fused, norm) in state for fused, norm in _FUSED_NORM.items()):
+            continue  # a TE fused copy of a norm that is also present on its own
         for hf_name, t in zip(hf_names(name, arch), _split(name, full, arch)):
             out[hf_name] = t.contiguous()
     return out

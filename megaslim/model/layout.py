@@ -13,8 +13,8 @@ import torch
 
 
 class Layout(Enum):
-    REPLICATED = "replicated"  # norms: every TP rank holds all of it
-    COLUMN = "column"  # split along dim 0 (linear_qkv: whole query groups per rank)
+    REPLICATED = "replicated"  # norms (weights and biases): every TP rank holds all of it
+    COLUMN = "column"  # split along dim 0 (linear_qkv: whole query groups per rank; non-gated linear_fc1)
     ROW = "row"  # split along dim 1 (linear_proj, linear_fc2 inputs)
     GATED = "gated"  # SwiGLU linear_fc1: full = [gate; up], each shard = [gate_r; up_r]
     VOCAB = "vocab"  # embedding / output layer: rows padded to the padded vocab, then COLUMN
@@ -25,16 +25,19 @@ _RULES: list[tuple[str, Layout]] = [
     (r"output_layer\.weight$", Layout.VOCAB),
     (r"self_attention\.linear_qkv\.(weight|bias)$", Layout.COLUMN),
     (r"self_attention\.linear_proj\.weight$", Layout.ROW),
-    (r"mlp\.linear_fc1\.weight$", Layout.GATED),
+    (r"mlp\.linear_fc1\.weight$", Layout.GATED),  # COLUMN when the MLP is not gated (see layout_of)
     (r"mlp\.linear_fc2\.weight$", Layout.ROW),
-    (r"(layernorm|layer_norm)[_.]?weight$|norm\.weight$", Layout.REPLICATED),
+    # norms (RMSNorm weight; LayerNorm weight and bias), incl. TE's fused layer_norm_weight/_bias
+    (r"(layernorm|layer_norm)[_.]?(weight|bias)$|norm\.(weight|bias)$", Layout.REPLICATED),
 ]
 
 
-def layout_of(name: str) -> Layout:
+def layout_of(name: str, *, gated: bool = True) -> Layout:
+    """How parameter `name` is split over TP ranks. `gated`: whether the model's MLP is gated (SwiGLU,
+    `config.gated_linear_unit`); a non-gated linear_fc1 (Nemotron's squared-ReLU up projection) is COLUMN."""
     for pattern, layout in _RULES:
         if re.search(pattern, name):
-            return layout
+            return Layout.COLUMN if layout is Layout.GATED and not gated else layout
     raise KeyError(f"no tensor-parallel layout rule for parameter {name!r}")
 
 

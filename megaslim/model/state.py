@@ -40,9 +40,10 @@ def load_full_state(model, fetch: Callable[[str], torch.Tensor]) -> None:
     from megatron.core import parallel_state as ps
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    gated = model.config.gated_linear_unit  # a non-gated fc1 is a plain column split
     for name, param in named_params(model):
         full = fetch(name)
-        piece = shard(full, layout_of(name), tp_rank, tp, padded_rows=param.shape[0] * tp)
+        piece = shard(full, layout_of(name, gated=gated), tp_rank, tp, padded_rows=param.shape[0] * tp)
         if piece.shape != param.shape:
             raise ValueError(f"{name}: source gives {tuple(piece.shape)}, model expects {tuple(param.shape)}")
         param.copy_(piece.to(param.dtype))
@@ -56,8 +57,9 @@ def gather_full_state(model, vocab_size: int) -> dict[str, torch.Tensor]:
     tp = ps.get_tensor_model_parallel_world_size()
     group = ps.get_tensor_model_parallel_group()
     out = {}
+    gated = model.config.gated_linear_unit
     for name, param in named_params(model):
-        layout = layout_of(name)
+        layout = layout_of(name, gated=gated)
         local = param.detach().float().contiguous().cpu() if param.device.type != "cpu" else param.detach().contiguous()
         if tp > 1 and layout.value != "replicated":
             parts = [torch.empty_like(param.detach()) for _ in range(tp)]

@@ -198,5 +198,5 @@ def flops_per_token(arch: ModelArch, seq_length: int) -> int:
     """Forward FLOPs per token (2 x multiply-adds of every matmul incl. attention scores and logits)."""
     h, f, hd = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
     q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
-    per_layer = 2 * (h * (q + 2 * kv) + q * h + 3 * h * f) + 2 * 2 * seq_length * q
+    per_layer = 2 * (h * (q + 2 * kv) + q * h + (3 if arch.gated else 2) * h * f) + 2 * 2 * seq_length * q
     return arch.num_layers * per_layer + 2 * h * arch.vocab_size

@@ -12,6 +12,10 @@ from megaslim.model.arch import ModelArch
 from megaslim.prune.plan import PrunePlan
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_HIDDEN_NORMS = tuple(f"{norm}{kind}" for norm in ("input_layernorm.", "pre_mlp_layernorm.",
+                                                  "self_attention.linear_qkv.layer_norm_",
+                                                  "mlp.linear_fc1.layer_norm_")
+                      for kind in ("weight", "bias"))
 
 
 def _heads_in_order(arch: ModelArch, groups: list[int], heads: list[int]) -> list[int]:
@@ -88,25 +92,27 @@ def slice_tensor(suffix: str, t: torch.Tensor, layer: int | None, plan: PrunePla
     if layer is None:
         if suffix in ("embedding.word_embeddings.weight", "output_layer.weight"):
             return t[:, ch]
-        if suffix == "decoder.final_layernorm.weight":
+        if suffix in ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias"):
             return t[ch]
         raise KeyError(f"no pruning rule for {suffix!r}")
     groups, heads, neurons = plan.keep_groups[layer], plan.keep_heads[layer], plan.keep_neurons[layer]
     t = fold_tensor(suffix, t, layer, plan, arch)
-    if suffix in ("input_layernorm.weight", "pre_mlp_layernorm.weight",
-                  "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"):
+    if suffix in _HIDDEN_NORMS:  # norm weights and (LayerNorm) biases carry the hidden channels
         return t[ch]
     if suffix == "self_attention.linear_qkv.weight":
         return t[_qkv_rows(arch, groups, heads)][:, ch]
     if suffix == "self_attention.linear_qkv.bias":
         return t[_qkv_rows(arch, groups, heads)]
-    if suffix in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"):
-        return t  # per-head-dim norms: head_dim is never pruned
+    if suffix in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
+                  "self_attention.q_layernorm.bias", "self_attention.k_layernorm.bias"):
+        return t  # per-head-dim norms (shared by all heads): head_dim is never pruned
     if suffix == "self_attention.linear_proj.weight":
         return t[ch][:, _head_cols(arch, groups, heads)]
-    if suffix == "mlp.linear_fc1.weight":  # full = [gate; up]: a neuron is gate row i and up row i
-        gate, up = t.chunk(2, 0)
+    if suffix == "mlp.linear_fc1.weight":
         nr = torch.tensor(neurons, dtype=torch.long)
+        if not arch.gated:  # one up projection: neuron i is row i
+            return t[nr][:, ch]
+        gate, up = t.chunk(2, 0)  # full = [gate; up]: a neuron is gate row i and up row i
         return torch.cat([gate[nr], up[nr]], 0)[:, ch]
     if suffix == "mlp.linear_fc2.weight":
         return t[ch][:, torch.tensor(neurons, dtype=torch.long)]
