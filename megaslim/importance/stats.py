@@ -11,15 +11,18 @@ import torch
 AGGS = ("mean", "l2", "var")
 
 
-def seq_reduce(mag: torch.Tensor, seq_agg: str) -> torch.Tensor:
-    """[s, b, n] magnitudes -> [b, n] per-sample values (float64)."""
-    mag = mag.double()
+def seq_reduce(act: torch.Tensor, seq_agg: str) -> torch.Tensor:
+    """[s, b, n] activations -> [b, n] per-sample values of their magnitudes |a| (float64).
+
+    The reduction runs in the activation's precision (fp32 or wider) and is widened afterwards;
+    elementwise abs/square then a sum over dim 0 is ~4x faster on CPU than vector_norm over dim 0."""
+    act = act if act.dtype in (torch.float32, torch.float64) else act.float()
     if seq_agg == "mean":
-        return mag.mean(0)
+        return act.abs().mean(0).double()
     if seq_agg == "l2":
-        return mag.pow(2).sum(0).sqrt()
+        return act.pow(2).sum(0).sqrt().double()
     if seq_agg == "var":
-        return mag.var(0, unbiased=False)
+        return act.abs().var(0, unbiased=False).double()
     raise ValueError(f"unknown seq_agg {seq_agg!r}; choose from {AGGS}")
 
 
