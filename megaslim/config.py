@@ -117,7 +117,6 @@ class TrainConfig:
     lr_decay_iters: Optional[int] = None
     clip_grad: float = 1.0
     weight_decay: float = 0.01
-    log_interval: int = 1
     seed: int = 1234
 
 
@@ -229,6 +228,13 @@ def _validate(cfg: Config) -> None:
     for key in _POSITIVE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)}")
+    # Schema keys whose feature has not landed yet: refuse rather than silently ignore them.
+    if cfg.prune.target_params is not None:
+        raise ConfigError("prune.target_params (parameter-budget search) is not implemented yet; give the "
+                          "target shape in prune.export_config (compress.py --dry-run prints its params)")
+    if cfg.checkpoint.load is not None:
+        raise ConfigError("checkpoint.load is not used yet: load weights with model.load (or distill.student.load) "
+                          "and continue a run in its output_dir with resume=true")
     for metric in cfg.importance.layer_metrics:
         if metric not in ("bi", "loss"):
             raise ConfigError(f"importance.layer_metrics: {metric!r} is not one of ['bi', 'loss']")

@@ -46,3 +46,12 @@ def test_shipped_configs_load():
     assert files, "configs/ should ship presets"
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["prune.target_params=4e9"], "prune.target_params"),
+    (["checkpoint.load=/x"], "checkpoint.load"),
+])
+def test_keys_without_a_feature_yet_are_refused_not_ignored(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, override)
