@@ -178,13 +178,11 @@ def _jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Ten
     return _sum_to_replicated(local.sum(dim=-1))
 
 
-def _topk_kl(student: torch.Tensor, teacher: torch.Tensor, k: int) -> torch.Tensor:
-    group, rank, world = _tp()
-    part = student.shape[-1]
-    start = rank * part
-    # Each shard proposes its own top-k (k values per rank cross the wire, never the vocab); the
-    # global top-k is among these candidates. Padded columns sit at dtype min and never win for k <= V.
-    vals, idx = teacher.topk(min(k, part), dim=-1)
+def vocab_parallel_topk(shard: torch.Tensor, k: int, *, start: int, group, world: int):
+    """(values, global vocab ids) of the top-k over the TP-sharded vocab, never gathering it: each shard
+    proposes its own top-k (k values per rank cross the wire); the global top-k is among these
+    candidates. Padded columns sit at dtype min and never win for k <= V."""
+    vals, idx = shard.topk(min(k, shard.shape[-1]), dim=-1)
     idx = idx + start
     if world > 1:
         all_vals = [torch.empty_like(vals) for _ in range(world)]
@@ -193,7 +191,14 @@ def _topk_kl(student: torch.Tensor, teacher: torch.Tensor, k: int) -> torch.Tens
         dist.all_gather(all_idx, idx.contiguous(), group=group)
         vals, idx = torch.cat(all_vals, dim=-1), torch.cat(all_idx, dim=-1)
     top_vals, pos = vals.topk(k, dim=-1)
-    top_idx = idx.gather(-1, pos)
+    return top_vals, idx.gather(-1, pos)
+
+
+def _topk_kl(student: torch.Tensor, teacher: torch.Tensor, k: int) -> torch.Tensor:
+    group, rank, world = _tp()
+    part = student.shape[-1]
+    start = rank * part
+    top_vals, top_idx = vocab_parallel_topk(teacher, k, start=start, group=group, world=world)
     # Student logits at the teacher's top-k ids: each rank contributes the ids in its shard; the sum
     # is replicated, so its gradient comes back to the owning shard only.
     local = top_idx - start

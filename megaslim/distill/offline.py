@@ -117,23 +117,14 @@ def topk_logprobs(logits: torch.Tensor, *, vocab_size: int, k: int) -> tuple[tor
     Candidates and order are those of the online top-k KL at temperature 1 (each shard proposes its
     top-k, k values per rank are exchanged; float32; padded vocab masked); the log-normaliser uses an
     all-reduced sum of exponentials, so the vocabulary is never gathered."""
-    from megaslim.distill.losses import _prepare, _tp
+    from megaslim.distill.losses import _prepare, _tp, vocab_parallel_topk
 
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
         raise MegaslimError(f"top-k needs an integer k in [1, vocab_size={vocab_size}] (got {k!r})")
     group, rank, world = _tp()
     x = _prepare(logits, 1.0, vocab_size)
     part = x.shape[-1]
-    vals, idx = x.topk(min(k, part), dim=-1)
-    idx = idx + rank * part
-    if world > 1:
-        all_vals = [torch.empty_like(vals) for _ in range(world)]
-        all_idx = [torch.empty_like(idx) for _ in range(world)]
-        dist.all_gather(all_vals, vals.contiguous(), group=group)
-        dist.all_gather(all_idx, idx.contiguous(), group=group)
-        vals, idx = torch.cat(all_vals, dim=-1), torch.cat(all_idx, dim=-1)
-    top_vals, pos = vals.topk(k, dim=-1)
-    top_idx = idx.gather(-1, pos)
+    top_vals, top_idx = vocab_parallel_topk(x, k, start=rank * part, group=group, world=world)
     peak = top_vals[..., :1]  # the global max
     sum_exp = (x - peak).exp().sum(dim=-1, keepdim=True)
     if world > 1:
