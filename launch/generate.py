@@ -17,14 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megaslim import cli  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 
 def main():
-    from megaslim.distill.generate import GenerateSettings, parse_args_with_section, run_generate
+    from megaslim.distill.generate import run_generate
 
-    cfg, settings = parse_args_with_section(__doc__, "generate", GenerateSettings)
-    run_generate(cfg, settings)
+    cfg = cli.parse_args(__doc__)
+    run_generate(cfg, cfg.generate)
 
 
 if __name__ == "__main__":

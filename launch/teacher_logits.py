@@ -15,15 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megaslim import cli  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 
 def main():
-    from megaslim.distill.generate import parse_args_with_section
-    from megaslim.distill.offline import OfflineSettings, precompute
+    from megaslim.distill.offline import precompute
 
-    cfg, settings = parse_args_with_section(__doc__, "offline", OfflineSettings)
-    precompute(cfg, settings)
+    cfg = cli.parse_args(__doc__)
+    precompute(cfg, cfg.offline)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,6 @@ megatron-core no longer needs it.
 from __future__ import annotations
 
 
-def megatron_version() -> tuple[int, ...]:
-    from megatron.core import package_info
-
-    return tuple(int(x) for x in package_info.__version__.split(".")[:3] if x.isdigit())
-
-
 def prepare_distributed_optimizer_for_load(optimizer) -> None:
     """megatron-core 0.16 DistributedOptimizer without apex/TE (torch Adam, e.g. on CPU):
     - `state_dict()` asserts that every Adam state has a `step`, so states must exist before a

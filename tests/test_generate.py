@@ -147,27 +147,31 @@ def test_student_trains_with_lm_loss_on_synthetic_data(tiny_llama_tok, generated
 
 def test_bad_input(tiny_llama_tok, tmp_path):
     from megaslim.config import ConfigError
-    from megaslim.distill.generate import GenerateSettings, parse_args_with_section, prepare
+    from megaslim.cli import parse_args
+    from megaslim.distill.generate import prepare
     from megaslim.errors import MegaslimError
 
     base = [f"model.load={tiny_llama_tok}", f"output_dir={tmp_path}", f"data.train_path={TEXT}"]
-    cfg, s = parse_args_with_section("", "generate", GenerateSettings, [*base, "generate.prompt_length=100000"])
+    cfg = parse_args("", [*base, "generate.prompt_length=100000"])
+    s = cfg.generate
     with pytest.raises(MegaslimError, match="empty prompt set"):
         prepare(cfg, s)
-    cfg, s = parse_args_with_section("", "generate", GenerateSettings,
-                                     [*base, "parallel.pipeline_model_parallel_size=2"])
+    cfg = parse_args("", [*base, "parallel.pipeline_model_parallel_size=2"])
+    s = cfg.generate
     with pytest.raises(MegaslimError, match="pipeline_model_parallel_size=1"):
         prepare(cfg, s)
-    cfg, s = parse_args_with_section("", "generate", GenerateSettings, [*base, "generate.max_new_tokens=1000"])
+    cfg = parse_args("", [*base, "generate.max_new_tokens=1000"])
+    s = cfg.generate
     with pytest.raises(MegaslimError, match="max_position_embeddings"):
         prepare(cfg, s)
     with pytest.raises(ConfigError, match="generate.nope"):
-        parse_args_with_section("", "generate", GenerateSettings, [*base, "generate.nope=1"])
+        parse_args("", [*base, "generate.nope=1"])
     with pytest.raises(ConfigError, match="generate.top_p"):
-        parse_args_with_section("", "generate", GenerateSettings, [*base, "generate.top_p=abc"])
+        parse_args("", [*base, "generate.top_p=abc"])
     yaml = tmp_path / "c.yaml"
     yaml.write_text("generate:\n  num_prompts: 3\ndata:\n  seq_length: 64\n")
-    cfg, s = parse_args_with_section("", "generate", GenerateSettings, ["--config", str(yaml), *base])
+    cfg = parse_args("", ["--config", str(yaml), *base])
+    s = cfg.generate
     assert s.num_prompts == 3 and cfg.data.seq_length == 64
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

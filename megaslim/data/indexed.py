@@ -69,10 +69,6 @@ def iter_token_documents(prefix: str | os.PathLike) -> Iterator[np.ndarray]:
             yield np.concatenate([ds[i] for i in range(start, stop)]).astype(np.int64)
 
 
-def num_tokens(prefix: str | os.PathLike) -> int:
-    return int(open_indexed(prefix).sequence_lengths.astype(np.int64).sum())
-
-
 def _init_worker(tokenizer, eos_id: int, in_pool: bool = False) -> None:
     global _TOKENIZER, _EOS
     _TOKENIZER, _EOS = tokenizer, eos_id

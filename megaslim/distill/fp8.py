@@ -21,7 +21,6 @@ TE is imported only here and only when FP8 is asked for.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -228,10 +227,6 @@ class Fp8Context:
 
     def __call__(self):
         return autocast(self.recipe, self.group)
-
-
-def no_fp8():
-    return contextlib.nullcontext()
 
 
 def reset_weight_cache(module) -> int:

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -48,14 +48,6 @@ def check_settings(s: GenerateSettings) -> None:
 # --------------------------------------------------------------------------------------------------
 # config bridge: `section.*` keys beside the main schema
 # --------------------------------------------------------------------------------------------------
-def parse_args_with_section(description: str, section: str, schema=None, argv: Optional[Sequence[str]] = None):
-    """(Config, its `section`): `cli.parse_args` plus the section a launcher works from."""
-    from megaslim.cli import parse_args
-
-    cfg = parse_args(description, argv)
-    return cfg, getattr(cfg, section)
-
-
 # --------------------------------------------------------------------------------------------------
 # prompts
 # --------------------------------------------------------------------------------------------------

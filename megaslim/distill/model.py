@@ -18,7 +18,7 @@ import torch
 
 
 class DistillModel(torch.nn.Module):
-    def __init__(self, student_ddp, teacher, *, capture: dict | None = None, fp8=None):
+    def __init__(self, student_ddp, teacher, *, fp8=None):
         super().__init__()
         self.module = student_ddp  # megatron's get_attr_wrapped_model walks `.module`
         self.teacher = teacher

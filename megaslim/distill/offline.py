@@ -45,7 +45,6 @@ INDEX = "teacher_logits.json"
 SHARDS = "shards"
 TOKENIZER = "tokenizer"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BATCH_KEYS = ("teacher_topk_idx", "teacher_topk_logp")  # what offline micro-batches add
 
 
 OfflineSettings = OfflineConfig  # the `offline` section of megaslim/config.py

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -312,7 +311,3 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Optional[Path]:
     ax.set(xlabel="step", ylabel="train loss", title="distillation")
     ax.legend(loc="upper left")
     return save_png(fig, out_png)
-
-
-def now() -> float:
-    return time.time()

@@ -50,9 +50,6 @@ class MagnitudeHook(_Hook):
         self.seq_agg = seq_agg
         self.stats = SampleStats(n)
 
-    def magnitudes(self, args, output) -> torch.Tensor:
-        raise NotImplementedError
-
     def accumulate(self, mag: torch.Tensor) -> None:
         self.stats.add(self.ctx.rows(seq_reduce(mag, self.seq_agg)))
 

@@ -82,10 +82,10 @@ def resolve_source(load: Optional[str]) -> Source:
         return Source("hf", d, d, str(load))
     if (path / "config.json").is_file():
         return Source("hf", path, path if _has_tokenizer(path) else None, str(load))
-    from megaslim import checkpoint as checkpoint_format
+    from megaslim import checkpoint as ckpt
 
-    if checkpoint_format.is_checkpoint(path):
-        meta = checkpoint_format.read_meta(path)
+    if ckpt.is_checkpoint(path):
+        meta = ckpt.read_meta(path)
         tok = meta.get("tokenizer_dir")
         return Source("checkpoint", path, Path(tok) if tok else None, str(load))
     raise MegaslimError(
@@ -99,9 +99,9 @@ def source_arch(source: Source) -> ModelArch:
 
     if source.kind == "hf":
         return hf.arch_from_hf_config(hf.read_hf_config(source.path))
-    from megaslim import checkpoint as checkpoint_format
+    from megaslim import checkpoint as ckpt
 
-    return ModelArch.from_dict(checkpoint_format.read_meta(source.path)["arch"])
+    return ModelArch.from_dict(ckpt.read_meta(source.path)["arch"])
 
 
 def load_model(model_cfg: ModelConfig, source: Optional[Source] = None):
@@ -116,8 +116,8 @@ def load_model(model_cfg: ModelConfig, source: Optional[Source] = None):
     if source.kind == "hf":
         load_full_state(model, hf.hf_fetcher(hf.HFReader(source.path), arch))
     else:
-        from megaslim import checkpoint as checkpoint_format
+        from megaslim import checkpoint as ckpt
 
-        checkpoint_format.load_into(model, source.path)
+        ckpt.load_into(model, source.path)
     model.eval()
     return model, arch, source

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from megaslim.model.layout import layout_of, shard, unshard
+from megaslim.model.layout import Layout, layout_of, shard, unshard
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -60,12 +60,11 @@ def gather_full_state(model, vocab_size: int) -> dict[str, torch.Tensor]:
     gated = model.config.gated_linear_unit
     for name, param in named_params(model):
         layout = layout_of(name, gated=gated)
-        local = param.detach().float().contiguous().cpu() if param.device.type != "cpu" else param.detach().contiguous()
-        if tp > 1 and layout.value != "replicated":
-            parts = [torch.empty_like(param.detach()) for _ in range(tp)]
-            dist.all_gather(parts, param.detach().contiguous(), group=group)
-            parts = [p.cpu() for p in parts]
-        else:
-            parts = [local.cpu()]
-        out[name] = unshard(parts, layout, vocab_size=vocab_size).clone()
+        local = param.detach().contiguous()
+        parts = [local]
+        if tp > 1 and layout is not Layout.REPLICATED:
+            parts = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(parts, local, group=group)
+        # kept in the parameter's dtype at every TP size; clone: a replicated tensor must not alias
+        out[name] = unshard([p.cpu() for p in parts], layout, vocab_size=vocab_size).clone()
     return out
