@@ -67,13 +67,34 @@ class ImportanceConfig:
 
 
 @dataclass
+class SearchConfig:
+    """prune.target_params: candidate shapes within the budget (names as ModelOpt's Minitron search)."""
+    max_width_pruning: float = 0.4  # at most this fraction of hidden/ffn/heads is removed per axis
+    max_depth_pruning: float = 0.2  # at most this fraction of the layers is removed
+    width_step: float = 0.05  # width axes are sampled every width_step of the source size
+    hparams_to_skip: list[str] = field(default_factory=list)  # axes kept at the source size
+    top_k: int = 5  # candidates nearest the budget that are pruned, briefly distilled and ranked
+    train_iters: int = 20  # short distillation per candidate (0 = rank the pruned models as they are)
+
+
+@dataclass
+class SparsityConfig:
+    """Unstructured / N:M weight sparsity of the decoder's linear layers (prune.sparsity)."""
+    method: Optional[str] = None  # magnitude | wanda; unset = no sparsity
+    ratio: float = 0.5  # fraction of weights set to zero (unstructured); 2:4 is always 0.5
+    pattern: str = "unstructured"  # unstructured | 2:4
+
+
+@dataclass
 class PruneConfig:
     export_config: ExportConfigShape = field(default_factory=ExportConfigShape)
     drop_layers: list[int] = field(default_factory=list)  # explicit source layers to drop
     layer_metric: str = "bi"  # bi | loss: ranking used for depth pruning without drop_layers
     drop_contiguous: bool = False  # drop the contiguous block with the least total importance
     plan_path: Optional[str] = None  # apply a saved PrunePlan JSON instead of building one
-    target_params: Optional[float] = None
+    target_params: Optional[float] = None  # parameter budget: search the shape (prune.search)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     fold_heads: bool = False
     fold_mode: str = "proj_sum"  # proj_sum (measured best, docs/pruning.md) | laco (parameter-difference)
     iterative: int = 1
@@ -95,7 +116,8 @@ class DistillConfig:
     kl: str = "forward"  # forward | reverse | jsd | topk
     skip_lm_loss: bool = True
     intermediate_layer_pairs: list[Any] = field(default_factory=list)  # [[student_layer, teacher_layer], ...]
-    intermediate_loss: str = "cosine"  # cosine | mse
+    intermediate_loss: str = "cosine"  # cosine | mse | contrastive (InfoNCE over the micro-batch's positions)
+    contrastive_temperature: float = 0.1
     jsd_beta: float = 0.5
     top_k: int = 64  # for kl=topk
     fp8: Optional[str] = None  # e4m3 | hybrid (Transformer Engine; docs/fp8.md)
@@ -165,6 +187,8 @@ class CompressConfig:
     # One prune -> distill round per target shape; empty = one round to prune.export_config.
     rounds: list[ExportConfigShape] = field(default_factory=list)
     teacher: str = "original"  # original | previous: which model each round distills from
+    teacher_correction_iters: int = 0  # > 0: fine-tune the teacher on the train corpus first (LM loss)
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks per family member
 
 
 @dataclass
@@ -195,7 +219,9 @@ _CHOICES = {
     "importance.neuron_signal": ("fc2_input", "fc1_output"),
     "distill.kl": ("forward", "reverse", "jsd", "topk"),
     "prune.layer_metric": ("bi", "loss"),
-    "distill.intermediate_loss": ("cosine", "mse"),
+    "distill.intermediate_loss": ("cosine", "mse", "contrastive"),
+    "prune.sparsity.method": (None, "magnitude", "wanda"),
+    "prune.sparsity.pattern": ("unstructured", "2:4"),
     "prune.fold_mode": ("proj_sum", "laco"),
     "compress.teacher": ("original", "previous"),
     "distill.fp8": (None, "e4m3", "hybrid"),
@@ -229,12 +255,31 @@ def _validate(cfg: Config) -> None:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)}")
     # Schema keys whose feature has not landed yet: refuse rather than silently ignore them.
-    if cfg.prune.target_params is not None:
-        raise ConfigError("prune.target_params (parameter-budget search) is not implemented yet; give the "
-                          "target shape in prune.export_config (compress.py --dry-run prints its params)")
     if cfg.checkpoint.load is not None:
         raise ConfigError("checkpoint.load is not used yet: load weights with model.load (or distill.student.load) "
                           "and continue a run in its output_dir with resume=true")
+    sp, se = cfg.prune.sparsity, cfg.prune.search
+    if not 0.0 < sp.ratio < 1.0:
+        raise ConfigError(f"prune.sparsity.ratio={sp.ratio} must be in (0, 1)")
+    if sp.pattern == "2:4" and sp.ratio != 0.5:
+        raise ConfigError(f"prune.sparsity.pattern=2:4 keeps 2 of every 4 weights (ratio 0.5); got ratio={sp.ratio}")
+    if cfg.distill.contrastive_temperature <= 0:
+        raise ConfigError(f"distill.contrastive_temperature={cfg.distill.contrastive_temperature} must be > 0")
+    if cfg.prune.target_params is not None and cfg.prune.target_params <= 0:
+        raise ConfigError(f"prune.target_params={cfg.prune.target_params} must be > 0")
+    for key in ("max_width_pruning", "max_depth_pruning"):
+        if not 0.0 <= getattr(se, key) < 1.0:
+            raise ConfigError(f"prune.search.{key}={getattr(se, key)} must be in [0, 1)")
+    if not 0.0 < se.width_step < 1.0:
+        raise ConfigError(f"prune.search.width_step={se.width_step} must be in (0, 1)")
+    if se.top_k < 1 or se.train_iters < 0:
+        raise ConfigError("prune.search.top_k must be >= 1 and prune.search.train_iters >= 0")
+    axes = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+    for axis in se.hparams_to_skip:
+        if axis not in axes:
+            raise ConfigError(f"prune.search.hparams_to_skip: {axis!r} is not one of {list(axes)}")
+    if cfg.compress.teacher_correction_iters < 0:
+        raise ConfigError("compress.teacher_correction_iters must be >= 0")
     for metric in cfg.importance.layer_metrics:
         if metric not in ("bi", "loss"):
             raise ConfigError(f"importance.layer_metrics: {metric!r} is not one of ['bi', 'loss']")

@@ -49,9 +49,23 @@ def test_shipped_configs_load():
 
 
 @pytest.mark.parametrize("override, needle", [
-    (["prune.target_params=4e9"], "prune.target_params"),
     (["checkpoint.load=/x"], "checkpoint.load"),
 ])
 def test_keys_without_a_feature_yet_are_refused_not_ignored(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, override)
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["prune.sparsity.ratio=1.0"], "prune.sparsity.ratio"),
+    (["prune.sparsity.ratio=0"], "prune.sparsity.ratio"),
+    (["prune.sparsity.pattern=2:4", "prune.sparsity.ratio=0.6"], "2:4"),
+    (["prune.sparsity.method=sparsegpt"], "prune.sparsity.method"),
+    (["prune.target_params=-1"], "prune.target_params"),
+    (["prune.search.max_width_pruning=1.0"], "max_width_pruning"),
+    (["prune.search.hparams_to_skip=[vocab]"], "hparams_to_skip"),
+    (["distill.contrastive_temperature=0"], "contrastive_temperature"),
+])
+def test_new_section_values_are_checked(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, override)
