@@ -3,7 +3,9 @@
 Each round prunes the previous round's distilled student (the first round: `model.load`) to its
 target and distills it from the original teacher (or the previous round's model, `compress.teacher`).
 Every stage writes its results under <output_dir>/round<N>/; a rerun skips finished stages and resumes
-an interrupted distillation.
+an interrupted distillation. Optional: teacher correction first (`compress.teacher_correction_iters`),
+a parameter budget instead of a shape (`prune.target_params`, one round), and lm-evaluation-harness
+tasks on every HF export (`compress.lm_eval_tasks`).
 """
 from __future__ import annotations
 
@@ -52,15 +54,74 @@ def check(cfg: Config) -> list:
 
     rounds = list(cfg.compress.rounds) or [cfg.prune.export_config]
     arch = source_arch(resolve_source(cfg.model.load))
+    tp = cfg.parallel.tensor_model_parallel_size
+    if cfg.prune.target_params is not None:
+        from megaslim.prune.search import candidates
+
+        if cfg.compress.rounds:
+            raise MegaslimError("prune.target_params searches one round's shape; unset compress.rounds (or give "
+                                "every round its shape and unset prune.target_params)")
+        candidates(arch, cfg.prune.target_params, cfg.prune.search,
+                   tps=(tp, cfg.prune.target_tensor_model_parallel_size or tp))
     for i, target in enumerate(rounds):
         try:
-            arch = target_shape(arch, target, tp=cfg.parallel.tensor_model_parallel_size, hf_export=True)
+            arch = target_shape(arch, target, tp=tp, hf_export=True)
         except MegaslimError as err:
             raise MegaslimError(f"compress round {i + 1}: {err}") from None
     if cfg.prune.drop_layers or cfg.prune.plan_path:
         raise MegaslimError("compress takes its targets from compress.rounds / prune.export_config; "
                             "unset prune.drop_layers and prune.plan_path")
     return rounds
+
+
+def _teacher_correction(cfg: Config, out: Path) -> dict | None:
+    """compress.teacher_correction_iters > 0: fine-tune the teacher on the train corpus with the LM loss
+    (Minitron's teacher correction); the corrected teacher is then pruned and distilled from."""
+    from megaslim.distill.run import run as run_distill
+    from megaslim.model.load import resolve_source
+
+    iters = cfg.compress.teacher_correction_iters
+    if iters == 0:
+        return None
+    tdir = out / "teacher_correction"
+    done = _done(tdir / "distill.json", "finished")
+    if done is None:
+        _layout(cfg)
+        resume = (tdir / "checkpoint" / "latest").is_file()
+        done = run_distill(_stage_cfg(
+            cfg, output_dir=str(tdir), distill__student__load=str(resolve_source(cfg.model.load).path),
+            distill__kd_loss_scale=0.0, distill__skip_lm_loss=False, distill__intermediate_layer_pairs=[],
+            train__train_iters=iters, train__warmup_iters=min(cfg.train.warmup_iters, iters // 10),
+            train__lr_decay_iters=None, export__hf_dir=None, resume=resume))
+    return done
+
+
+def _lm_eval(cfg: Config, hf_dir: Path, out_json: Path) -> dict | None:
+    """compress.lm_eval_tasks on one HF export (rank 0), or a message where lm-eval is not installed."""
+    tasks = list(cfg.compress.lm_eval_tasks)
+    if not tasks:
+        return None
+    done = _done(out_json)
+    if done is not None:
+        return done
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        from megaslim.runtime import rank0_print
+
+        rank0_print(f"compress.lm_eval_tasks={tasks}: lm-evaluation-harness is not installed, skipping "
+                    "(pip install 'megaslim[eval]'; docs/lm_eval.md)")
+        return None
+    result = None
+    if cli.is_rank0():
+        from lm_eval import simple_evaluate
+
+        res = simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=tasks,
+                              batch_size=8)
+        result = {task: {k: v for k, v in m.items() if isinstance(v, (int, float))}
+                  for task, m in res["results"].items()}
+        cli.write_json(out_json, result)
+    return result
 
 
 def run(cfg: Config) -> dict:
@@ -71,7 +132,9 @@ def run(cfg: Config) -> dict:
     rounds = check(cfg)
     cli.start(cfg)  # even when every stage is already done: rank 0 alone writes the summary
     out = Path(cfg.output_dir)
-    source, family = cfg.model.load, []
+    corrected = _teacher_correction(cfg, out)
+    original = cfg.model.load if corrected is None else corrected["checkpoint"]
+    source, family = original, []
     for i, target in enumerate(rounds, 1):
         rdir = out / f"round{i}"
         pdir, ddir, hf_dir = rdir / "prune", rdir / "distill", rdir / "hf"
@@ -81,7 +144,7 @@ def run(cfg: Config) -> dict:
             pruned = run_prune(_stage_cfg(cfg, output_dir=str(pdir), model__load=source,
                                           prune__export_config=target, export__hf_dir=None,
                                           importance__only=False))
-        teacher = cfg.model.load if cfg.compress.teacher == "original" else source
+        teacher = original if cfg.compress.teacher == "original" else source
         distilled = _done(ddir / "distill.json", "finished")
         if distilled is None:
             _layout(cfg)
@@ -93,9 +156,12 @@ def run(cfg: Config) -> dict:
                        "distilled_loss": distilled["student_eval_loss"],
                        "teacher_loss": distilled["teacher_eval_loss"], "tokens": distilled["tokens"],
                        "prune_seconds": pruned["seconds"], "distill_seconds": distilled["seconds"],
-                       "checkpoint": distilled["checkpoint"], "hf_dir": str(hf_dir)})
+                       "checkpoint": distilled["checkpoint"], "hf_dir": str(hf_dir),
+                       "lm_eval": _lm_eval(cfg, hf_dir, rdir / "lm_eval.json")})
         source = str(ddir / "checkpoint")
     result = {"source_params": _done(out / "round1" / "prune" / "prune.json")["params_before"],
+              "teacher_correction": corrected and {k: corrected[k] for k in (
+                  "student_eval_loss_start", "student_eval_loss", "tokens", "seconds", "checkpoint")},
               "rounds": family, "seconds": timer.seconds}
     if cli.is_rank0():
         cli.write_json(out / "compress.json", result)
@@ -116,8 +182,13 @@ def _table(result: dict) -> None:
     for col in ("model", "params", "held-out loss", "ppl", "tokens", "seconds"):
         t.add_column(col, no_wrap=True)
     first = result["rounds"][0]
-    t.add_row("teacher", f"{result['source_params'] / 1e6:.2f}M", f"{first['teacher_loss']:.4f}",
-              f"{math.exp(first['teacher_loss']):.2f}", "-", "-")
+    tc = result.get("teacher_correction")
+    if tc:
+        t.add_row("teacher", f"{result['source_params'] / 1e6:.2f}M", f"{tc['student_eval_loss_start']:.4f}",
+                  f"{math.exp(tc['student_eval_loss_start']):.2f}", "-", "-")
+    t.add_row("teacher (corrected)" if tc else "teacher", f"{result['source_params'] / 1e6:.2f}M",
+              f"{first['teacher_loss']:.4f}", f"{math.exp(first['teacher_loss']):.2f}",
+              f"{tc['tokens']:,}" if tc else "-", f"{tc['seconds']:.0f}" if tc else "-")
     for r in result["rounds"]:
         t.add_row(f"round {r['round']} pruned", f"{r['params'] / 1e6:.2f}M", f"{r['pruned_loss']:.4f}",
                   f"{math.exp(r['pruned_loss']):.2f}", "-", f"{r['prune_seconds']:.0f}")
@@ -127,6 +198,9 @@ def _table(result: dict) -> None:
     console.print(t)
     for r in result["rounds"]:
         console.print(f"round {r['round']}: HF export {r['hf_dir']}, checkpoint {r['checkpoint']}", soft_wrap=True)
+        for task, metrics in (r.get("lm_eval") or {}).items():
+            console.print(f"round {r['round']} lm-eval {task}: " + ", ".join(
+                f"{k}={v:.4f}" for k, v in metrics.items()), soft_wrap=True)
 
 
 def _plot_family(result: dict, path: Path) -> None:

@@ -374,6 +374,16 @@ def _rounds(cfg: Config, source: Shape, tp: int) -> list[Shape]:
     targets = list(cfg.compress.rounds) or [cfg.prune.export_config]
     out, cur = [], source
     prune_tp = cfg.prune.target_tensor_model_parallel_size or tp
+    if cfg.prune.target_params is not None:  # the search's largest candidate bounds the student's size
+        from megaslim.prune.search import candidates
+
+        if cfg.compress.rounds:
+            raise PlanError("prune.target_params searches one round's shape; unset compress.rounds")
+        try:
+            return [cur.pruned(candidates(cur.arch, cfg.prune.target_params, cfg.prune.search,
+                                          tps=(tp, prune_tp))[0])]
+        except MegaslimError as err:
+            raise PlanError(str(err)) from None
     for i, target in enumerate(targets, 1):
         try:
             # as compress.check, except that transformers' hidden % heads rule is a Llama-family one
@@ -605,6 +615,10 @@ def _notes(cfg: Config, source: Shape, flash: bool) -> list[str]:
     if not source.hf_heads_rule:
         notes.append(f"{source.arch.family}: transformers' hidden % heads rule (Llama-family configs) is not "
                      "applied to the targets; its HF config carries head_dim.")
+    if cfg.prune.target_params is not None:
+        notes.append(f"prune.target_params={cfg.prune.target_params:,.0f}: the run ranks the "
+                     f"{cfg.prune.search.top_k} shapes nearest the budget after "
+                     f"{cfg.prune.search.train_iters} distillation steps each; the plan sizes the largest.")
     if flash:
         notes.append("selective recompute would save nothing here: flash attention (Transformer Engine) keeps no "
                      "s^2 attention scores; full recompute (not exposed by megaslim yet) would keep only each layer's "

@@ -36,3 +36,37 @@ def test_two_rounds_then_rerun_skips(tiny_llama_tok, tmp_path):
     assert (out / "round2" / "distill" / "distill.json").stat().st_mtime == stamp
     assert json.loads((out / "compress.json").read_text())["rounds"][1]["distilled_loss"] == r2["distilled_loss"]
     assert time.time() - t0 < 120
+
+
+def test_budget_round_with_teacher_correction(tiny_llama_tok, tmp_path):
+    """One round whose shape is searched for a parameter budget, after a teacher-correction stage."""
+    import importlib.util
+    import math
+
+    from megaslim.model.load import resolve_source, source_arch
+
+    arch = source_arch(resolve_source(str(tiny_llama_tok)))
+    budget = math.floor(0.8 * arch.num_params())
+    out = tmp_path / "b"
+    proc = torchrun(ROOT / "launch" / "compress.py", f"model.load={tiny_llama_tok}", f"output_dir={out}",
+                    f"data.train_path={TEXT}", f"data.eval_path={TEXT}", f"data.calib_path={TEXT}",
+                    "data.seq_length=32", "importance.num_samples=8", "train.micro_batch_size=2",
+                    "train.global_batch_size=4", "train.train_iters=2", "train.warmup_iters=0", "train.lr=3e-3",
+                    "eval.num_samples=4", f"prune.target_params={budget}", "prune.search.top_k=2",
+                    "prune.search.train_iters=1", "prune.search.max_width_pruning=0.5",
+                    "compress.teacher_correction_iters=3", "compress.lm_eval_tasks=[lambada_openai]",
+                    env={"OMP_NUM_THREADS": "1"})
+    result = json.loads((out / "compress.json").read_text())
+    tc = result["teacher_correction"]
+    assert tc["tokens"] == 3 * 4 * 32 and tc["student_eval_loss"] < tc["student_eval_loss_start"]
+    (r1,) = result["rounds"]
+    assert r1["params"] <= budget
+    # the round pruned the corrected teacher and distilled from it
+    prune_cfg = (out / "round1" / "prune" / "config.yaml").read_text()
+    assert str(out / "teacher_correction" / "checkpoint") in prune_cfg
+    assert r1["teacher_loss"] == tc["student_eval_loss"]
+    ranking = json.loads((out / "round1" / "prune" / "search.json").read_text())["ranking"]
+    assert len(ranking) == 2 and ranking[0]["params"] == r1["params"]
+    if importlib.util.find_spec("lm_eval") is None:
+        assert "lm-evaluation-harness is not installed" in proc.stdout and r1["lm_eval"] is None
+    assert "teacher (corrected)" in proc.stdout

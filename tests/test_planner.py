@@ -246,3 +246,23 @@ def test_planner_flags_need_dry_run(monkeypatch):
         mod.main()
     args, rest = mod._planner_parser().parse_known_args(["--config", "c.yaml", "a.b=1", "--dry-run", "x.y=2"])
     assert args.dry_run and args.config == "c.yaml" and rest == ["a.b=1", "x.y=2"]
+
+
+def test_parameter_budget_plans_the_largest_candidate():
+    unset = [f"prune.export_config.{k}=null" for k in ("hidden_size", "ffn_hidden_size")]
+    p = _plan(WIDTH, *unset, "prune.target_params=4.5e9")
+    from megaslim.prune.search import candidates
+
+    src = planner.source_shape(load_config(WIDTH, unset), config_path=WIDTH)[0].arch
+    best = candidates(src, 4.5e9, load_config(WIDTH).prune.search, tps=(2,))[0]
+    plan_json = json.dumps(planner.to_json(p))
+    assert best.num_params() <= 4.5e9 and f"{best.num_params():,}" in _render_text(p)
+    assert "prune.target_params" in plan_json
+    with pytest.raises(PlanError, match="below the smallest shape"):
+        _plan(WIDTH, *unset, "prune.target_params=1e9")
+
+
+def _render_text(p) -> str:
+    con = _quiet()
+    planner.render(p, console=con)
+    return con.file.getvalue()

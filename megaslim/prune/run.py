@@ -78,6 +78,44 @@ def iterate(cfg, model, arch, target, scores, rows, eval_rows, out_dir, is_rank0
     return chain, steps
 
 
+def _search_candidates(cfg, arch, tp: int, ttp: int, pp: int) -> list:
+    """prune.target_params: the candidate shapes, checked before any compute."""
+    from megaslim.errors import MegaslimError
+    from megaslim.prune.search import candidates
+
+    given = [k for k, v in vars(cfg.prune.export_config).items() if v is not None]
+    clashes = ([f"prune.export_config.{k}" for k in given] + (["prune.drop_layers"] if cfg.prune.drop_layers else [])
+               + (["prune.plan_path"] if cfg.prune.plan_path else [])
+               + (["prune.iterative"] if cfg.prune.iterative != 1 else []))
+    if clashes:
+        raise MegaslimError(f"prune.target_params searches the shape itself; unset {', '.join(clashes)}")
+    if pp != 1:
+        raise MegaslimError("prune.target_params prunes every candidate in memory and needs "
+                            "parallel.pipeline_model_parallel_size=1 (write the result at any PP with "
+                            "prune.target_pipeline_model_parallel_size)")
+    return candidates(arch, cfg.prune.target_params, cfg.prune.search, tps=(tp, ttp))
+
+
+def _search(cfg, model, arch, shapes, scores, eval_rows, train_prefix, tokenizer, out_dir):
+    """Rank the candidates, write search.json, return the best shape."""
+    from megaslim.prune.search import rank, table
+
+    ranked = rank(cfg, model, arch, shapes, scores, eval_rows, train_prefix=train_prefix, tokenizer=tokenizer,
+                  out_dir=out_dir / "search")
+    table(ranked, cfg.prune.target_params, cfg.prune.search.train_iters)
+    import torch.distributed as dist
+
+    dist.barrier()
+    if cli.is_rank0():
+        import shutil
+
+        shutil.rmtree(out_dir / "search", ignore_errors=True)  # the candidates' data cache
+        cli.write_json(out_dir / "search.json", {
+            "target_params": cfg.prune.target_params, "train_iters": cfg.prune.search.train_iters,
+            "ranking": [r.to_dict() for r in ranked]})
+    return ranked[0].arch
+
+
 def run(cfg) -> dict:
     """The whole prune command for `cfg`; returns the prune.json record (or the importance record)."""
     from megaslim.errors import MegaslimError
@@ -109,8 +147,10 @@ def run(cfg) -> dict:
         plan = PrunePlan.load(cfg.prune.plan_path)
         plan.check_applies_to(arch)
     scores = ImportanceScores.load(cfg.importance.scores_path, arch) if cfg.importance.scores_path else None
-    target = None
-    if not cfg.importance.only and plan is None:
+    target = shapes = None
+    if cfg.prune.target_params is not None and not cfg.importance.only:
+        shapes = _search_candidates(cfg, arch, tp, ttp, pp)
+    elif not cfg.importance.only and plan is None:
         target = target_shape(arch, cfg.prune.export_config, tp=ttp, hf_export=cfg.export.hf_dir is not None)
         if cfg.prune.drop_layers and cfg.prune.export_config.num_layers:
             raise MegaslimError("set either prune.drop_layers or prune.export_config.num_layers, not both")
@@ -133,6 +173,8 @@ def run(cfg) -> dict:
         check_parallel_layout(target, tp, 1)  # the intermediate models run at the source TP
     if plan is not None or target is not None:
         check_parallel_layout(plan.target_arch if plan else target, ttp, tpp)
+    for shape in shapes or []:
+        check_parallel_layout(shape, ttp, tpp)
     from megaslim import checkpoint as ckpt
 
     ckpt.check_output_dir(out_dir / "checkpoint")
@@ -153,6 +195,12 @@ def run(cfg) -> dict:
         path = data_path(cfg.data.eval_path, "data.eval_path")
         eval_rows = pack_rows(read_documents(path), tokenizer, seq_length=cfg.data.seq_length,
                               num_rows=cfg.eval.num_samples, what=f"data.eval_path={path}")
+    train_prefix = None
+    if shapes and cfg.prune.search.train_iters > 0:
+        from megaslim.data.corpora import data_path
+        from megaslim.data.indexed import cached_indexed
+
+        train_prefix = cached_indexed(data_path(cfg.data.train_path, "data.train_path"), tokenizer)
 
     rt = cli.start(cfg)
     from megaslim.eval import evaluate_rows
@@ -184,6 +232,8 @@ def run(cfg) -> dict:
     mbs = cfg.data.micro_batch_size
     before = evaluate_rows(model, eval_rows, vocab_size=arch.vocab_size, micro_batch_size=mbs)
     chain, steps = None, []
+    if shapes:
+        target = _search(cfg, model, arch, shapes, scores, eval_rows, train_prefix, tokenizer, out_dir)
     if plan is None and cfg.prune.iterative > 1:
         chain, steps = iterate(cfg, model, arch, target, scores, rows, eval_rows, out_dir, rt.is_rank0)
         from megaslim.prune.iterative import compose_plans

@@ -1,0 +1,193 @@
+"""`prune.target_params`: choose the pruned shape for a parameter budget.
+
+As ModelOpt's Minitron search: enumerate the shapes whose parameter count is within the budget, each
+axis pruned by at most `max_width_pruning` (hidden, ffn, heads) or `max_depth_pruning` (layers); keep
+the `top_k` nearest the budget; prune each from the same importance scores, give it a short
+distillation from the unpruned model (the paper: light retraining stabilises the ranking), and pick
+the lowest held-out loss. Enumeration is plain arithmetic on the shape, so bad budgets fail before any
+compute.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from megaslim.errors import MegaslimError
+from megaslim.model.arch import ModelArch, check_parallel_layout
+
+AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+_ALIGN = 8  # width sizes are multiples of 8 (tensor-core friendly, as ModelOpt's channel divisor)
+
+
+def _width_values(size: int, search, divisor: int) -> list[int]:
+    """size x (1, 1 - step, 1 - 2 step, ...) down to (1 - max_width_pruning), rounded down to `divisor`."""
+    lowest = math.ceil(size * (1 - search.max_width_pruning))
+    out, k = {size}, 1
+    while (r := 1 - k * search.width_step) >= 1 - search.max_width_pruning - 1e-9:
+        v = int(size * r) // divisor * divisor
+        if v >= lowest and v > 0:
+            out.add(v)
+        k += 1
+    return sorted(out, reverse=True)
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def enumerate_shapes(arch: ModelArch, search, *, tps: tuple[int, ...] = (1,)) -> list[ModelArch]:
+    """Every valid shape of the search space (query groups kept; heads pruned inside groups), valid at
+    every TP size in `tps` and exportable to HF (transformers wants hidden % heads == 0 for the Llama
+    family), largest first."""
+    skip = set(search.hparams_to_skip)
+    tp = max(_lcm(a, b) for a in tps for b in tps)
+    L = arch.num_layers
+    layers = [L] if "num_layers" in skip else list(range(L, max(1, math.ceil(L * (1 - search.max_depth_pruning))) - 1, -1))
+    g, n = arch.num_query_groups, arch.heads_per_group
+    per_group = [n] if "num_attention_heads" in skip else \
+        list(range(n, max(1, math.ceil(n * (1 - search.max_width_pruning))) - 1, -1))
+    heads_opts = [g * k for k in per_group if (g * k) % tp == 0]
+    ffn = [arch.ffn_hidden_size] if "ffn_hidden_size" in skip else \
+        _width_values(arch.ffn_hidden_size, search, _lcm(_ALIGN, tp))
+    ffn = [f for f in ffn if f % tp == 0]
+    shapes = []
+    for heads in heads_opts:
+        divisor = _ALIGN if arch.family == "nemotron" else _lcm(_ALIGN, heads)
+        hidden = [arch.hidden_size] if "hidden_size" in skip else _width_values(arch.hidden_size, search, divisor)
+        if arch.family != "nemotron":
+            hidden = [h for h in hidden if h % heads == 0]
+        for h in hidden:
+            for f in ffn:
+                for nl in layers:
+                    shape = replace(arch, num_layers=nl, hidden_size=h, ffn_hidden_size=f, num_attention_heads=heads)
+                    try:
+                        for t in tps:
+                            check_parallel_layout(shape, t, 1)
+                    except MegaslimError:
+                        continue
+                    shapes.append(shape)
+    shapes.sort(key=lambda a: (-a.num_params(), -a.num_layers, -a.hidden_size, -a.num_attention_heads))
+    return shapes
+
+
+def candidates(arch: ModelArch, budget: float, search, *, tps: tuple[int, ...] = (1,)) -> list[ModelArch]:
+    """The `top_k` shapes within `budget` parameters nearest to it; clear errors for budgets outside
+    what the search space can reach."""
+    total = arch.num_params()
+    if budget >= total:
+        raise MegaslimError(f"prune.target_params={budget:,.0f} is not below the source model's "
+                            f"{total:,} parameters: nothing to prune")
+    shapes = enumerate_shapes(arch, search, tps=tps)
+    fit = [s for s in shapes if s.num_params() <= budget]
+    if not fit:
+        smallest = min(shapes, key=lambda a: a.num_params())
+        raise MegaslimError(
+            f"prune.target_params={budget:,.0f} is below the smallest shape the search allows "
+            f"({smallest.num_params():,} params: {describe(smallest)}, with max_width_pruning="
+            f"{search.max_width_pruning}, max_depth_pruning={search.max_depth_pruning}); raise the budget or "
+            "those limits, or give the shape in prune.export_config")
+    return fit[:search.top_k]
+
+
+def describe(a: ModelArch) -> str:
+    return (f"layers {a.num_layers}, hidden {a.hidden_size}, ffn {a.ffn_hidden_size}, "
+            f"heads {a.num_attention_heads}/{a.num_query_groups} groups")
+
+
+@dataclass
+class Ranked:
+    arch: ModelArch
+    pruned_loss: float
+    trained_loss: Optional[float]
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return self.pruned_loss if self.trained_loss is None else self.trained_loss
+
+    def to_dict(self) -> dict:
+        return {**{k: getattr(self.arch, k) for k in AXES + ("num_query_groups",)},
+                "params": self.arch.num_params(), "pruned_loss": self.pruned_loss,
+                "trained_loss": self.trained_loss, "seconds": self.seconds}
+
+
+def _short_distill(cfg, student, student_arch, teacher, teacher_arch, eval_rows, train_prefix, tokenizer,
+                   out_dir: Path) -> float:
+    """`prune.search.train_iters` steps of the configured distillation; the held-out loss after."""
+    from megatron.core import parallel_state as ps
+
+    from megaslim.data.loaders import train_micro_batches
+    from megaslim.distill.train import Models, Trainer, step_batches
+
+    iters = cfg.prune.search.train_iters
+    c = copy.deepcopy(cfg)
+    c.output_dir, c.resume = str(out_dir), False
+    c.train.train_iters, c.train.lr_decay_iters = iters, None
+    c.train.warmup_iters = min(c.train.warmup_iters, iters // 10)
+    t = c.train
+    trainer = Trainer(c, Models(student, student_arch, teacher, teacher_arch), tokenizer_dir=None,
+                      eval_rows=eval_rows)
+    # the same batches (same seed) for every candidate: a fair comparison
+    data = train_micro_batches(train_prefix, tokenizer, seq_length=c.data.seq_length,
+                               micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                               train_iters=iters, dp_rank=ps.get_data_parallel_rank(),
+                               dp_size=ps.get_data_parallel_world_size(), seed=t.seed, consumed_samples=0,
+                               cache_path=Path(cfg.output_dir) / "search" / "data_cache")
+    for _ in range(iters):
+        trainer.train_step(step_batches(data, trainer.num_micro))
+    return trainer.evaluate(student, student_arch)["loss"]
+
+
+def rank(cfg, model, arch: ModelArch, shapes: list[ModelArch], scores, eval_rows, *, train_prefix=None,
+         tokenizer=None, out_dir: Path) -> list[Ranked]:
+    """Prune every candidate from `scores` (in memory, PP=1), optionally distil it briefly, evaluate;
+    best (lowest held-out loss) first."""
+    from tqdm import tqdm
+
+    from megaslim import cli
+    from megaslim.eval import evaluate_rows
+    from megaslim.prune.apply import prune_in_memory
+    from megaslim.prune.plan import build_plan
+
+    p = cfg.prune
+    out = []
+    for i, shape in enumerate(tqdm(shapes, desc="search", disable=not cli.is_rank0(), dynamic_ncols=True)):
+        t0 = time.time()
+        plan = build_plan(arch, shape, scores, layer_metric=p.layer_metric, contiguous=p.drop_contiguous,
+                          fold_heads=p.fold_heads and p.fold_mode)
+        student = prune_in_memory(model, plan, cfg.model)
+        pruned = evaluate_rows(student, eval_rows, vocab_size=arch.vocab_size,
+                               micro_batch_size=cfg.data.micro_batch_size)["loss"]
+        trained = None
+        if p.search.train_iters > 0:
+            trained = _short_distill(cfg, student, plan.target_arch, model, arch, eval_rows, train_prefix,
+                                     tokenizer, out_dir / f"candidate{i}")
+        model.eval()
+        out.append(Ranked(plan.target_arch, pruned, trained, time.time() - t0))
+        del student
+    return sorted(out, key=lambda r: (r.loss, -r.arch.num_params()))
+
+
+def table(ranked: list[Ranked], budget: float, iters: int) -> None:
+    from megaslim import cli
+
+    if not cli.is_rank0():
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"megaslim prune: shapes within {budget / 1e6:.2f}M params, best held-out loss first")
+    for col in ("#", "layers", "hidden", "ffn", "heads", "params", "pruned",
+                f"+{iters} steps" if iters else "-", "s"):
+        t.add_column(col, no_wrap=True)
+    for i, r in enumerate(ranked, 1):
+        a = r.arch
+        t.add_row(str(i), str(a.num_layers), str(a.hidden_size), str(a.ffn_hidden_size),
+                  f"{a.num_attention_heads}/{a.num_query_groups}", f"{a.num_params() / 1e6:.3g}M",
+                  f"{r.pruned_loss:.4f}", f"{r.trained_loss:.4f}" if r.trained_loss is not None else "-",
+                  f"{r.seconds:.0f}")
+    Console().print(t)
