@@ -588,6 +588,18 @@ def plan(cfg: Config, opts: Optional[PlannerOptions] = None, *, config_path: Opt
         prev = student
 
     notes = _notes(cfg, source, flash)
+    tc = cfg.compress.teacher_correction_iters
+    if tc:
+        tc_tokens = tc * t.global_batch_size * s
+        notes.append(f"teacher correction first: {tc:,} LM-loss steps of the teacher ({_big(tc_tokens)} tokens, "
+                     f"~{_hours(tc_tokens * 3 * flops_per_token(source, s) / rate)} compute); its memory is "
+                     "that of training a teacher-sized model (not sized here)")
+    if cfg.prune.target_params is not None and cfg.prune.search.train_iters:
+        se = cfg.prune.search
+        se_tokens = se.top_k * se.train_iters * t.global_batch_size * s
+        notes.append(f"shape search: {se.top_k} candidates x {se.train_iters} distillation steps "
+                     f"({_big(se_tokens)} tokens, ~{_hours(se_tokens * stages[-1].flops / rate)} compute) "
+                     "inside the round 1 prune stage")
     return Plan(config=str(config_path) if config_path else None, source=origin, options=opts, tp=tp, pp=pp,
                 dp=dp, dry_run_only=source.unsupported, stages=stages, notes=notes)
 

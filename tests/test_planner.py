@@ -257,7 +257,9 @@ def test_parameter_budget_plans_the_largest_candidate():
     best = candidates(src, 4.5e9, load_config(WIDTH).prune.search, tps=(2,))[0]
     plan_json = json.dumps(planner.to_json(p))
     assert best.num_params() <= 4.5e9 and f"{best.num_params():,}" in _render_text(p)
-    assert "prune.target_params" in plan_json
+    assert "prune.target_params" in plan_json and "shape search: 5 candidates x 20" in plan_json
+    p = _plan(WIDTH, "compress.teacher_correction_iters=100")
+    assert any("teacher correction first: 100 LM-loss steps" in n for n in p.notes)
     with pytest.raises(PlanError, match="below the smallest shape"):
         _plan(WIDTH, *unset, "prune.target_params=1e9")
 
