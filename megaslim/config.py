@@ -5,6 +5,7 @@ Built on OmegaConf structured configs, so unknown keys and wrong types are error
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -250,7 +251,8 @@ def _get(cfg: Config, dotted: str) -> Any:
 def _validate(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {[c for c in choices if c]}")
+            hint = " (YAML reads an unquoted 2:4 as the number 124: write '2:4')" if _get(cfg, key) == "124" else ""
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {[c for c in choices if c]}{hint}")
     for key in _POSITIVE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)}")
@@ -306,6 +308,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             for item in overrides:
                 if "=" not in item:
                     raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+            # YAML 1.1 reads an unquoted N:M (prune.sparsity.pattern=2:4) as a base-60 integer: keep it text
+            overrides = [re.sub(r"^([^=]+)=(\d+:\d+)$", r"\1='\2'", item) for item in overrides]
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

@@ -69,3 +69,13 @@ def test_keys_without_a_feature_yet_are_refused_not_ignored(override, needle):
 def test_new_section_values_are_checked(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, override)
+
+
+def test_two_four_pattern_reads_as_text_from_overrides_and_files(tmp_path):
+    assert load_config(None, ["prune.sparsity.pattern=2:4"]).prune.sparsity.pattern == "2:4"
+    f = tmp_path / "c.yaml"
+    f.write_text("prune:\n  sparsity:\n    pattern: 2:4\n")
+    with pytest.raises(ConfigError, match="write '2:4'"):
+        load_config(f)
+    f.write_text("prune:\n  sparsity:\n    pattern: '2:4'\n")
+    assert load_config(f).prune.sparsity.pattern == "2:4"

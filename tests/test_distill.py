@@ -108,7 +108,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_tok, plan, tmp_path
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["distill.intermediate_layer_pairs=[[0,0]]"], "needs a learned projection"),
+    (["distill.intermediate_layer_pairs=[[5,0]]"], "student layer 5 is out of range"),
     (["train.global_batch_size=3"], "not a multiple of train.micro_batch_size"),
     (["distill.teacher.load=/nope"], "no such file or directory"),
 ])

@@ -28,6 +28,8 @@ from megaslim.model.logits import mask_padded_vocab
 
 KD_KINDS = ("forward", "reverse", "jsd", "topk")
 HIDDEN_KINDS = ("cosine", "mse")
+# every `distill.intermediate_loss`: the per-token distances above plus InfoNCE over a micro-batch
+INTERMEDIATE_KINDS = HIDDEN_KINDS + ("contrastive",)
 # Floor of the detached denominator in dynamic balancing: an intermediate loss that has (almost)
 # vanished gets scale logit_loss / BALANCE_EPS instead of a division by ~0 (inf/NaN gradients).
 BALANCE_EPS = 1e-6
@@ -285,15 +287,29 @@ class HiddenProjection(nn.Linear):
     """Learned map from the student's hidden width to the teacher's (Minitron's intermediate loss).
 
     Identity-initialised when the widths are equal, so the loss starts as the plain state distance.
+    Otherwise nn.Linear's default init (uniform in +-1/sqrt(student_hidden)); with `seed` that init
+    comes from its own generator and leaves the global RNG untouched, so every rank that builds it with
+    the same seed holds the same weights (a TP/DP-replicated parameter) whatever ran before.
     Its parameters are trained with the student: add them to the student's optimizer."""
 
-    def __init__(self, student_hidden: int, teacher_hidden: int, *, bias: bool = False):
-        super().__init__(student_hidden, teacher_hidden, bias=bias)
-        if student_hidden == teacher_hidden:
-            with torch.no_grad():
+    def __init__(self, student_hidden: int, teacher_hidden: int, *, bias: bool = False,
+                 seed: int | None = None):
+        if seed is None:
+            super().__init__(student_hidden, teacher_hidden, bias=bias)
+        else:
+            with torch.random.fork_rng(devices=[]):  # nn.Linear's own init must not move the global RNG
+                super().__init__(student_hidden, teacher_hidden, bias=bias, device="cpu")
+        with torch.no_grad():
+            if student_hidden == teacher_hidden:
                 self.weight.copy_(torch.eye(teacher_hidden))
                 if self.bias is not None:
                     self.bias.zero_()
+            elif seed is not None:
+                g = torch.Generator().manual_seed(seed)
+                bound = 1.0 / math.sqrt(student_hidden)
+                self.weight.copy_(torch.rand(self.weight.shape, generator=g) * 2 * bound - bound)
+                if self.bias is not None:
+                    self.bias.copy_(torch.rand(self.bias.shape, generator=g) * 2 * bound - bound)
 
 
 def hidden_state_loss_per_token(*, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -333,6 +349,68 @@ def hidden_state_loss(*, student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     per_token = hidden_state_loss_per_token(student_hidden=student_hidden, teacher_hidden=teacher_hidden,
                                             projection=projection, kind=kind)
     return masked_mean(per_token, loss_mask)
+
+
+def contrastive_loss(*, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, loss_mask: torch.Tensor,
+                     projection: nn.Module | None = None, temperature: float = 0.1) -> torch.Tensor:
+    """InfoNCE between projected student states and teacher states of one micro-batch.
+
+    Student [s, b, h_s] and teacher [s, b, h_t] states, `loss_mask` [b, s] (megatron). The N valid
+    positions (mask > 0, over all samples of the micro-batch) give unit vectors s_i = proj(student_i)
+    / |.| and t_j = teacher_j / |.|; logits_ij = <s_i, t_j> / temperature; the loss is the
+    cross-entropy of row i with target j = i, averaged over the N rows: each student position must pick
+    its own teacher position among all the micro-batch's positions (the others are the negatives).
+    The teacher is a constant. An empty mask gives 0 (still connected to the graph). Positions with
+    identical teacher states (the same token at position 0 of two rows) are indistinguishable
+    negatives; that is inherent to InfoNCE over token positions.
+
+    Cost: the N x N similarity matrix (N = s * b valid positions) is quadratic in the micro-batch's
+    token count: 8 x 4096 tokens is 2**30 logits (4 GiB in float32, twice with its gradient), so keep
+    the micro-batch small, as a distillation micro-batch usually is."""
+    if not temperature > 0:
+        raise MegaslimError(f"contrastive temperature must be > 0 (got {temperature})")
+    if (student_hidden.dim() != 3 or teacher_hidden.dim() != 3
+            or student_hidden.shape[:2] != teacher_hidden.shape[:2]):
+        raise MegaslimError(f"hidden states must be [s, b, h] with equal s, b (student "
+                            f"{tuple(student_hidden.shape)}, teacher {tuple(teacher_hidden.shape)})")
+    seq, batch = student_hidden.shape[:2]
+    if tuple(loss_mask.shape) != (batch, seq):
+        raise MegaslimError(f"loss_mask {tuple(loss_mask.shape)} does not match the hidden states: "
+                            f"expected [b, s] = {(batch, seq)}")
+    s = student_hidden
+    if projection is not None:
+        weight = next(projection.parameters(), None)
+        s = projection(s if weight is None else s.to(weight.dtype))
+    if s.shape[-1] != teacher_hidden.shape[-1]:
+        raise MegaslimError(f"student width {s.shape[-1]} != teacher width {teacher_hidden.shape[-1]}: "
+                            "pass a HiddenProjection(student_hidden, teacher_hidden)")
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    # [s, b, h] -> [b * s, h], row order matching loss_mask.reshape(-1)
+    s = s.to(dtype).transpose(0, 1).reshape(batch * seq, -1)
+    t = teacher_hidden.detach().to(dtype).transpose(0, 1).reshape(batch * seq, -1)
+    valid = loss_mask.reshape(-1) > 0
+    if not bool(valid.any()):
+        return s.sum() * 0.0
+    s = nn.functional.normalize(s[valid], dim=-1)
+    t = nn.functional.normalize(t[valid], dim=-1)
+    logits = s @ t.t() / temperature  # [N, N]: quadratic in the number of positions (see above)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return nn.functional.cross_entropy(logits, target)
+
+
+def intermediate_loss(*, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, loss_mask: torch.Tensor,
+                      projection: nn.Module | None = None, kind: str = "cosine",
+                      temperature: float = 0.1) -> torch.Tensor:
+    """Scalar loss of one intermediate pair for `distill.intermediate_loss`: `hidden_state_loss` for
+    cosine | mse, `contrastive_loss` (with `temperature`) for contrastive."""
+    if kind not in INTERMEDIATE_KINDS:
+        raise MegaslimError(f"unknown intermediate loss kind {kind!r}; "
+                            f"choose one of {', '.join(INTERMEDIATE_KINDS)}")
+    if kind == "contrastive":
+        return contrastive_loss(student_hidden=student_hidden, teacher_hidden=teacher_hidden,
+                                loss_mask=loss_mask, projection=projection, temperature=temperature)
+    return hidden_state_loss(student_hidden=student_hidden, teacher_hidden=teacher_hidden, loss_mask=loss_mask,
+                             projection=projection, kind=kind)
 
 
 def embedding_loss(*, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
@@ -406,8 +484,11 @@ def combine_losses(*, kd_loss: torch.Tensor, lm_loss: torch.Tensor | None = None
     """Total loss and detached components for logging.
 
     loss = kd_loss_scale * kd_loss + (0 if skip_lm_loss else lm_loss) + sum of the intermediate terms,
-    each balanced to kd_loss (unscaled) when `balance`. Keys: "loss" (differentiable), "kd_loss",
+    each balanced to kd_loss (unscaled) when `balance` and there is a logit term (kd_loss_scale != 0);
+    with kd_loss_scale == 0 ("intermediate only", or LM + intermediate) there is no logit loss to
+    balance to and the intermediate terms enter as they are. Keys: "loss" (differentiable), "kd_loss",
     "lm_loss" (when given, logged even if skipped), and each intermediate name with its raw value."""
+    balance = balance and kd_loss_scale != 0
     total = kd_loss_scale * kd_loss
     out = {"kd_loss": kd_loss.detach()}
     if lm_loss is not None:

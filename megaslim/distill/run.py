@@ -68,6 +68,10 @@ def prepare(cfg: Config) -> dict:
     else:  # the default student: the teacher pruned by the prune section
         from megaslim.prune.plan import PrunePlan, target_shape
 
+        if cfg.prune.sparsity.method:
+            raise MegaslimError("prune.sparsity is applied by launch/prune.py; run it and pass "
+                                "distill.student.load=<its checkpoint> (the masks travel in the checkpoint)")
+
         if cfg.prune.plan_path:
             plan = PrunePlan.load(cfg.prune.plan_path)
             plan.check_applies_to(teacher_arch)
@@ -215,7 +219,10 @@ def run(cfg: Config) -> dict:
         student, student_arch = default_student(cfg, teacher, teacher_arch, p["plan"], p["calib_rows"])
     tok_dir = cfg.model.tokenizer or (p["teacher_src"].tokenizer_dir if store is None else store.tokenizer_dir)
     models = Models(student, student_arch, teacher, teacher_arch)
-    trainer = Trainer(cfg, models, tokenizer_dir=tok_dir, eval_rows=p["eval_rows"], offline=store is not None)
+    student_ckpt = p["student_src"].path if p["student_src"] is not None and p["student_src"].kind == "checkpoint" \
+        else None
+    trainer = Trainer(cfg, models, tokenizer_dir=tok_dir, eval_rows=p["eval_rows"], offline=store is not None,
+                      student_checkpoint=student_ckpt)  # a sparse student keeps its masks
     resumed = trainer.try_resume()
     if rt.is_rank0:
         cli.save_run_config(cfg)

@@ -44,17 +44,13 @@ class _Capture:
 
 def resolve_pairs(cfg: Config, student_arch: ModelArch, teacher_arch: ModelArch, pp: int) -> list[tuple[int, int]]:
     """Intermediate pairs, validated: both layers must live on the last pipeline stage (the loss is
-    computed there), and the hidden sizes must match (no learned projection across widths yet)."""
+    computed there). Across hidden widths the student's states go through the learned projection
+    (`needs_projection`)."""
     if not cfg.distill.intermediate_layer_pairs:
         return []
     pairs = losses.intermediate_layer_pairs(student_layers=student_arch.num_layers,
                                             teacher_layers=teacher_arch.num_layers,
                                             pairs=cfg.distill.intermediate_layer_pairs)
-    if student_arch.hidden_size != teacher_arch.hidden_size:
-        raise MegaslimError(
-            f"distill.intermediate_layer_pairs between hidden {student_arch.hidden_size} (student) and "
-            f"{teacher_arch.hidden_size} (teacher) needs a learned projection, which this build does not "
-            "train yet; use logit-only KD for width-pruned students (the paper's setting)")
     s_first = student_arch.num_layers - student_arch.num_layers // pp
     t_first = teacher_arch.num_layers - teacher_arch.num_layers // pp
     crossing = [(s, t) for s, t in pairs if s < s_first or t < t_first]
@@ -63,6 +59,44 @@ def resolve_pairs(cfg: Config, student_arch: ModelArch, teacher_arch: ModelArch,
             f"distill.intermediate_layer_pairs {crossing} are not on the last pipeline stage (student "
             f"layers >= {s_first}, teacher layers >= {t_first} at PP={pp}); losses are computed there")
     return pairs
+
+
+# -- the learned projection of intermediate losses (student hidden -> teacher hidden) ------------------
+# One Linear(student_hidden, teacher_hidden, bias=False) shared by every pair (Minitron: one linear
+# transform across layers), used when the widths differ and always for `contrastive`. It lives on the
+# last pipeline stage (where the losses are) and is registered on the student only while megatron's DDP
+# and optimizer are built, so it sits in their grad buffers (DP all-reduce, distributed optimizer) and
+# param groups; then it is taken off the student, so it is never a model weight (checkpoint "model"
+# state, HF export, gather_full_state). Checkpoints carry it beside the optimizer state
+# (sharded_extra "distill_projection") so a resume restores it; later loaders never read it.
+PROJECTION = "distill_projection"
+
+
+def needs_projection(cfg: Config, student_arch: ModelArch, teacher_arch: ModelArch) -> bool:
+    d = cfg.distill
+    return bool(d.intermediate_layer_pairs) and (
+        d.intermediate_loss == "contrastive" or student_arch.hidden_size != teacher_arch.hidden_size)
+
+
+def attach_projection(cfg: Config, models: Models) -> Optional[losses.HiddenProjection]:
+    """This rank's projection (None where unused or off the last stage), registered on the student.
+    Seeded from train.seed: identical on every TP/DP rank (a replicated parameter; its gradient is the
+    same on every TP rank because the layer outputs and the loss are replicated, without sequence
+    parallelism)."""
+    from megatron.core import parallel_state as ps
+
+    if not (needs_projection(cfg, models.student_arch, models.teacher_arch) and ps.is_pipeline_last_stage()):
+        return None
+    ref = next(models.student.parameters())
+    proj = losses.HiddenProjection(models.student_arch.hidden_size, models.teacher_arch.hidden_size,
+                                   seed=cfg.train.seed).to(device=ref.device, dtype=ref.dtype)
+    models.student.add_module(PROJECTION, proj)
+    return proj
+
+
+def pair_metric_key(kind: str, s: int, t: int) -> str:
+    """metrics key of one intermediate pair: hidden_{s}_{t} (cosine | mse), contrastive_{s}_{t}."""
+    return f"{'contrastive' if kind == 'contrastive' else 'hidden'}_{s}_{t}"
 
 
 def _finite_or_raise(value: float, step: int, ckpt_root: Path) -> None:
@@ -90,7 +124,7 @@ class Trainer:
     `distill.fp8` is set (validated beforehand by `megaslim.distill.fp8.check_fp8`)."""
 
     def __init__(self, cfg: Config, models: Models, *, tokenizer_dir, eval_rows: Optional[torch.Tensor],
-                 offline: bool = False):
+                 offline: bool = False, student_checkpoint=None):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -108,6 +142,10 @@ class Trainer:
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
         student = models.student
         student.train()
+        from megaslim.sparsity.train import MaskKeeper  # a sparse student's masks (None: dense), applied now
+
+        self.sparsity = MaskKeeper.from_checkpoint(student, student_checkpoint)
+        self.projection = attach_projection(cfg, models)  # in DDP's buffers and the optimizer, see PROJECTION
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=self.dp > 1)
         self.ddp = DistributedDataParallel(student.config, ddp_config, student)
@@ -125,6 +163,8 @@ class Trainer:
             fp16=student.config.fp16, params_dtype=student.config.params_dtype,
             use_distributed_optimizer=self.dp > 1)
         self.optimizer = get_megatron_optimizer(opt_config, [self.ddp])
+        if self.projection is not None:
+            delattr(student, PROJECTION)  # trained from here on, but never a model weight
         gbs = t.global_batch_size
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_iters * gbs,
@@ -135,6 +175,8 @@ class Trainer:
         config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
         config.finalize_model_grads_func = lambda _chunks, *a, **k: finalize_model_grads([self.ddp], *a, **k)
+        if self.sparsity is not None:  # pruned weights get zero gradients (docs/sparsity.md: exactness)
+            self.sparsity.wrap_finalize(config)
         self.pairs = resolve_pairs(cfg, models.student_arch, models.teacher_arch, self.pp)
         self.step = 0
         self.consumed_samples = 0
@@ -143,17 +185,34 @@ class Trainer:
     def _optimizer_sharded(self, is_loading: bool):
         # fully_reshardable: optimizer state in model space, so a resume may use another TP/PP/DP
         return self.optimizer.sharded_state_dict(
-            self.models.student.sharded_state_dict(), is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            {**self.models.student.sharded_state_dict(), **self._projection_extra()},
+            is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+
+    def _projection_extra(self) -> dict:
+        """{PROJECTION: {"weight": replicated sharded tensor}} on ranks holding the projection, else {}."""
+        if self.projection is None:
+            return {}
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+        return {PROJECTION: {"weight": make_sharded_tensor_for_checkpoint(self.projection.weight,
+                                                                           f"{PROJECTION}.weight")}}
+
+    @torch.no_grad()
+    def _restore_projection(self, loaded_extra: dict) -> None:
+        if self.projection is not None:
+            self.projection.weight.copy_(loaded_extra[PROJECTION]["weight"])
 
     def save(self) -> Path:
         from megaslim import checkpoint as ckpt
 
         extra = {"consumed_samples": self.consumed_samples, "scheduler": self.scheduler.state_dict(),
-                 "global_batch_size": self.cfg.train.global_batch_size, "kind": "distill"}
+                 "global_batch_size": self.cfg.train.global_batch_size, "kind": "distill",
+                 **({"sparsity": self.sparsity.record} if self.sparsity is not None else {})}
         return ckpt.save_checkpoint(self.models.student, self.models.student_arch, self.ckpt_root, self.step,
                                     tokenizer_dir=self.tokenizer_dir, extra=extra,
-                                    sharded_extra={"optimizer": self._optimizer_sharded(False)})
+                                    sharded_extra={"optimizer": self._optimizer_sharded(False),
+                                                   **self._projection_extra(),
+                                                   **(self.sparsity.sharded() if self.sparsity is not None else {})})
 
     def try_resume(self) -> bool:
         from megaslim import checkpoint as ckpt
@@ -169,10 +228,18 @@ class Trainer:
                 f"resume: the checkpoint ran with train.global_batch_size={extra.get('global_batch_size')}, "
                 f"this config has {self.cfg.train.global_batch_size}")
         from megaslim.compat import prepare_distributed_optimizer_for_load
+        from megaslim.sparsity.train import check_resume
 
+        sparse = check_resume(meta, self.sparsity, self.ckpt_root)  # a sparse run resumes with its masks only
         prepare_distributed_optimizer_for_load(self.optimizer)
         meta = ckpt.load_into(self.models.student, self.ckpt_root, arch=self.models.student_arch,
-                              sharded_extra={"optimizer": self._optimizer_sharded(True)})
+                              sharded_extra={"optimizer": self._optimizer_sharded(True), **self._projection_extra(),
+                                             **(self.sparsity.load_request() if sparse else {})})
+        if sparse:
+            from megaslim.sparsity.apply import MASKS_KEY
+
+            self.sparsity.set_masks({k: v.bool() for k, v in meta["loaded_extra"][MASKS_KEY].items()})
+        self._restore_projection(meta["loaded_extra"])
         self.optimizer.load_state_dict(meta["loaded_extra"]["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         self.step, self.consumed_samples = meta["iteration"], extra["consumed_samples"]
@@ -203,10 +270,10 @@ class Trainer:
 
             lm = losses.masked_mean(vocab_parallel_ce(s_logits, batch["labels"], self.models.student_arch.vocab_size), mask)
         inter = {}
-        for s, t in self.pairs:
-            inter[f"hidden_{s}_{t}"] = losses.hidden_state_loss(
+        for s, t in self.pairs:  # self.projection: None for cosine/mse at equal widths
+            inter[pair_metric_key(d.intermediate_loss, s, t)] = losses.intermediate_loss(
                 student_hidden=self._s_cap.states[s], teacher_hidden=self._t_cap.states[t], loss_mask=mask,
-                kind=d.intermediate_loss)
+                projection=self.projection, kind=d.intermediate_loss, temperature=d.contrastive_temperature)
         parts = losses.combine_losses(kd_loss=kd, lm_loss=lm, intermediate=inter, kd_loss_scale=d.kd_loss_scale,
                                       skip_lm_loss=d.skip_lm_loss)
         # clone: megatron divides the returned loss in place by the number of micro-batches
@@ -241,6 +308,8 @@ class Trainer:
                 if cap is not None:
                     cap.remove()
         ok, grad_norm, _ = self.optimizer.step()
+        if self.sparsity is not None:  # pruned weights exactly zero after every step
+            self.sparsity.mask_params()
         self.scheduler.step(increment=t.global_batch_size)
         self.step += 1
         self.consumed_samples += t.global_batch_size
@@ -250,7 +319,8 @@ class Trainer:
         """Mean over micro-batches and DP replicas, the same on every rank."""
         from megatron.core import parallel_state as ps
 
-        keys = ["loss", "kd_loss", "lm_loss"] + [f"hidden_{s}_{t}" for s, t in self.pairs]
+        keys = ["loss", "kd_loss", "lm_loss"] + [pair_metric_key(self.cfg.distill.intermediate_loss, s, t)
+                                                 for s, t in self.pairs]
         vec = torch.zeros(len(keys) + 1, dtype=torch.float64)
         if outs and ps.get_tensor_model_parallel_rank() == 0:
             for i, k in enumerate(keys):

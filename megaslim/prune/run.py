@@ -202,6 +202,10 @@ def run(cfg) -> dict:
 
         train_prefix = cached_indexed(data_path(cfg.data.train_path, "data.train_path"), tokenizer)
 
+    from megaslim.sparsity.apply import prepare_sparsity  # prune.sparsity: checked (wanda's rows read) before compute
+
+    sparsity = prepare_sparsity(cfg, None if cfg.importance.only else plan.target_arch if plan else target,
+                                tokenizer=tokenizer)
     rt = cli.start(cfg)
     from megaslim.eval import evaluate_rows
     from megaslim.model.load import load_model
@@ -249,10 +253,12 @@ def run(cfg) -> dict:
     del model
     reinit_parallel(ttp, tpp, cfg.train.seed)
     pruned = build_pruned(plan, scratch, cfg.model)
+    sparsity.apply(pruned, plan.target_arch, out_dir, micro_batch_size=mbs)  # no-op without prune.sparsity
     after = evaluate_rows(pruned, eval_rows, vocab_size=arch.vocab_size, micro_batch_size=mbs)
     ckpt.save_checkpoint(pruned, plan.target_arch, out_dir / "checkpoint", 0,
                          tokenizer_dir=cfg.model.tokenizer or source.tokenizer_dir,
-                         extra={"pruned_from": source.label})
+                         extra={"pruned_from": source.label, **sparsity.extra()},
+                         sharded_extra=sparsity.sharded(pruned))
     hf_dir = None
     if cfg.export.hf_dir:
         from megaslim.model.hf import export_hf
@@ -274,7 +280,7 @@ def run(cfg) -> dict:
         "loss_after": after["loss"], "seconds": timer.seconds, "checkpoint": str(out_dir / "checkpoint"),
         "hf_dir": str(hf_dir) if hf_dir else None, "target_tp": ttp, "target_pp": tpp,
         "fold_heads": bool(plan.fold_heads or any(p.fold_heads for p in chain or [])),
-        "iterative": cfg.prune.iterative, "steps": steps}
+        "iterative": cfg.prune.iterative, "steps": steps, "sparsity": sparsity.summary()}
     if rt.is_rank0:
         cli.write_json(out_dir / "prune.json", result)
     cli.summary_table("megaslim prune", [
