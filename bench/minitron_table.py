@@ -8,9 +8,9 @@ Rows (data: ROWS / STUDENTS / TRAININGS below): the teacher; width (hidden 576->
 retraining / LM-loss retraining / logit KD / logit+intermediate KD / synthetic-data fine-tuning, T tokens
 each; depth (30->15 layers) with no retraining / logit KD / logit+intermediate KD; iterative (two
 prune->distill rounds of T/2 through launch/compress.py) vs one-shot; head folding on vs off (6 heads, ffn
-642); the width shape from random init trained with LM loss on T and 10T tokens; and rows for features
-that may not have landed yet (contrastive intermediate loss, unstructured / 2:4 sparsity), which report
-"not available" until they do. Every stage runs the real launchers (launch/prune.py, distill.py,
+642); the width shape from random init trained with LM loss on T and 10T tokens; contrastive
+intermediate loss; 50% unstructured (magnitude, Wanda) and 2:4 (Wanda) sparsity without retraining and
+with logit KD T. Every stage runs the real launchers (launch/prune.py, distill.py,
 generate.py, compress.py) as subprocesses with configs/smollm2_cpu.yaml plus overrides; importance is
 computed once and reused. Every model is then scored on the same held-out rows (the pinned protocol of
 launch/evaluate.py, one row at a time through megaslim.eval.evaluate_rows) so each row has per-row losses:
@@ -109,7 +109,6 @@ class Row:
     student: str  # key of STUDENTS
     train: str  # key of TRAININGS
     tokens: float = 1.0  # multiple of T (0 for no retraining)
-    future: bool = False  # a feature that may not have landed: a refusal reads "not available"
 
 
 ROWS: list[Row] = [
@@ -129,13 +128,13 @@ ROWS: list[Row] = [
     Row("heads_fold_kd", "heads: folding, logit KD T", "heads_fold", "kd"),
     Row("scratch_T", "width shape, random init, LM T", "scratch", "lm"),
     Row("scratch_10T", "width shape, random init, LM 10T", "scratch", "lm", 10.0),
-    Row("depth_contrastive", "depth: logit+contrastive KD T", "depth", "kd_contrastive", future=True),
-    Row("mag50_none", "50% unstructured magnitude: no retraining", "mag50", "none", 0, future=True),
-    Row("mag50_kd", "50% unstructured magnitude: logit KD T", "mag50", "kd", future=True),
-    Row("wanda50_none", "50% unstructured Wanda: no retraining", "wanda50", "none", 0, future=True),
-    Row("wanda50_kd", "50% unstructured Wanda: logit KD T", "wanda50", "kd", future=True),
-    Row("wanda24_none", "2:4 Wanda: no retraining", "wanda24", "none", 0, future=True),
-    Row("wanda24_kd", "2:4 Wanda: logit KD T", "wanda24", "kd", future=True),
+    Row("depth_contrastive", "depth: logit+contrastive KD T", "depth", "kd_contrastive"),
+    Row("mag50_none", "50% unstructured magnitude: no retraining", "mag50", "none", 0),
+    Row("mag50_kd", "50% unstructured magnitude: logit KD T", "mag50", "kd"),
+    Row("wanda50_none", "50% unstructured Wanda: no retraining", "wanda50", "none", 0),
+    Row("wanda50_kd", "50% unstructured Wanda: logit KD T", "wanda50", "kd"),
+    Row("wanda24_none", "2:4 Wanda: no retraining", "wanda24", "none", 0),
+    Row("wanda24_kd", "2:4 Wanda: logit KD T", "wanda24", "kd"),
 ]
 REFERENCE = "width_kd"  # the paired-difference column is against this row
 
@@ -488,7 +487,7 @@ class Bench:
             if "error" in z:
                 raise StageError("failed", f"sparsity check: {z['error']}")
             if z["zero_fraction"] < 0.9 * s.sparsity:
-                raise StageError("not available", f"{' '.join(o for o in s.overrides if 'sparsity' in o)} was "
+                raise StageError("failed", f"{' '.join(o for o in s.overrides if 'sparsity' in o)} was "
                                  f"accepted but the pruned decoder weights are {z['zero_fraction']:.1%} zeros "
                                  "(the sparsity feature has not landed)")
         return info
@@ -578,8 +577,7 @@ class Bench:
                 r.update(self.run_row(row))
                 r["status"] = "ok"
             except StageError as err:
-                kind = "not available" if row.future and err.kind in ("refused", "failed") else err.kind
-                r["status"] = f"{kind}: {err.msg}"
+                r["status"] = f"{err.kind}: {err.msg}"
             results[row.id] = r
         ok = [row for row in rows if results[row.id]["status"] == "ok"]
         try:  # held-out evaluation of every row, per eval row
@@ -808,7 +806,7 @@ def main(argv=None):
         return
     if args.list:
         for r in ROWS:
-            print(f"{r.id:18s} {r.label}" + ("  [future feature]" if r.future else ""))
+            print(f"{r.id:18s} {r.label}")
         return
     rows = select_rows(args.rows)
     resolve_settings(args)

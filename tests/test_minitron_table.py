@@ -34,10 +34,9 @@ def test_rows_are_consistent_data(mt):
     for sid in ("width", "depth", "heads", "heads_fold", "scratch", "teacher"):  # the paper's comparisons
         assert sid in mt.STUDENTS
     assert mt.STUDENTS["scratch"].like == "width"
-    # sparsity / contrastive rows exist and are marked as features that may not have landed
-    future = {r.id for r in mt.ROWS if r.future}
+    # the sparsity / contrastive rows of issue 12
     assert {"mag50_none", "mag50_kd", "wanda50_none", "wanda50_kd", "wanda24_none", "wanda24_kd",
-            "depth_contrastive"} <= future
+            "depth_contrastive"} <= set(ids)
     assert all(mt.STUDENTS[r.student].sparsity == 0.5 for r in mt.ROWS if r.id.startswith(("mag", "wanda")))
     # the shapes the repo uses everywhere (tests/test_prune_quality.py TARGETS, configs/smollm2_cpu.yaml)
     assert mt.WIDTH == {"hidden_size": 468, "ffn_hidden_size": 750}
