@@ -312,17 +312,10 @@ class HiddenProjection(nn.Linear):
                     self.bias.copy_(torch.rand(self.bias.shape, generator=g) * 2 * bound - bound)
 
 
-def hidden_state_loss_per_token(*, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                                projection: nn.Module | None = None, kind: str = "cosine") -> torch.Tensor:
-    """Per-token distance between student [s, b, h_s] and teacher [s, b, h_t] states, shape [b, s]
-    (megatron's loss_mask layout).
-
-    cosine: 1 - cos(proj(student), teacher);  mse: mean over the teacher width of
-    (proj(student) - teacher)**2 (a mean, so the scale does not grow with the width). The projection is
-    required when the widths differ; the teacher is a constant."""
-    if kind not in HIDDEN_KINDS:
-        raise MegaslimError(f"unknown intermediate loss kind {kind!r}; "
-                            f"choose one of {', '.join(HIDDEN_KINDS)}")
+def _projected_pair(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                    projection: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape-checked [s, b, h] states in (at least) float32: the student's through `projection`, the
+    teacher's detached (a constant)."""
     if (student_hidden.dim() != 3 or teacher_hidden.dim() != 3
             or student_hidden.shape[:2] != teacher_hidden.shape[:2]):
         raise MegaslimError(f"hidden states must be [s, b, h] with equal s, b (student "
@@ -335,7 +328,21 @@ def hidden_state_loss_per_token(*, student_hidden: torch.Tensor, teacher_hidden:
         raise MegaslimError(f"student width {s.shape[-1]} != teacher width {teacher_hidden.shape[-1]}: "
                             "pass a HiddenProjection(student_hidden, teacher_hidden)")
     dtype = torch.promote_types(s.dtype, torch.float32)
-    s, t = s.to(dtype), teacher_hidden.detach().to(dtype)
+    return s.to(dtype), teacher_hidden.detach().to(dtype)
+
+
+def hidden_state_loss_per_token(*, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                                projection: nn.Module | None = None, kind: str = "cosine") -> torch.Tensor:
+    """Per-token distance between student [s, b, h_s] and teacher [s, b, h_t] states, shape [b, s]
+    (megatron's loss_mask layout).
+
+    cosine: 1 - cos(proj(student), teacher);  mse: mean over the teacher width of
+    (proj(student) - teacher)**2 (a mean, so the scale does not grow with the width). The projection is
+    required when the widths differ; the teacher is a constant."""
+    if kind not in HIDDEN_KINDS:
+        raise MegaslimError(f"unknown intermediate loss kind {kind!r}; "
+                            f"choose one of {', '.join(HIDDEN_KINDS)}")
+    s, t = _projected_pair(student_hidden, teacher_hidden, projection)
     if kind == "cosine":
         per_token = 1.0 - nn.functional.cosine_similarity(s, t, dim=-1)
     else:
@@ -369,25 +376,13 @@ def contrastive_loss(*, student_hidden: torch.Tensor, teacher_hidden: torch.Tens
     the micro-batch small, as a distillation micro-batch usually is."""
     if not temperature > 0:
         raise MegaslimError(f"contrastive temperature must be > 0 (got {temperature})")
-    if (student_hidden.dim() != 3 or teacher_hidden.dim() != 3
-            or student_hidden.shape[:2] != teacher_hidden.shape[:2]):
-        raise MegaslimError(f"hidden states must be [s, b, h] with equal s, b (student "
-                            f"{tuple(student_hidden.shape)}, teacher {tuple(teacher_hidden.shape)})")
-    seq, batch = student_hidden.shape[:2]
+    s, t = _projected_pair(student_hidden, teacher_hidden, projection)
+    seq, batch = s.shape[:2]
     if tuple(loss_mask.shape) != (batch, seq):
         raise MegaslimError(f"loss_mask {tuple(loss_mask.shape)} does not match the hidden states: "
                             f"expected [b, s] = {(batch, seq)}")
-    s = student_hidden
-    if projection is not None:
-        weight = next(projection.parameters(), None)
-        s = projection(s if weight is None else s.to(weight.dtype))
-    if s.shape[-1] != teacher_hidden.shape[-1]:
-        raise MegaslimError(f"student width {s.shape[-1]} != teacher width {teacher_hidden.shape[-1]}: "
-                            "pass a HiddenProjection(student_hidden, teacher_hidden)")
-    dtype = torch.promote_types(s.dtype, torch.float32)
     # [s, b, h] -> [b * s, h], row order matching loss_mask.reshape(-1)
-    s = s.to(dtype).transpose(0, 1).reshape(batch * seq, -1)
-    t = teacher_hidden.detach().to(dtype).transpose(0, 1).reshape(batch * seq, -1)
+    s, t = s.transpose(0, 1).reshape(batch * seq, -1), t.transpose(0, 1).reshape(batch * seq, -1)
     valid = loss_mask.reshape(-1) > 0
     if not bool(valid.any()):
         return s.sum() * 0.0
