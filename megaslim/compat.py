@@ -28,3 +28,29 @@ def prepare_distributed_optimizer_for_load(optimizer) -> None:
             return original(model_param, tensors)
 
         sub._set_main_param_and_optimizer_states = set_states
+
+
+def mark_tensor_parallel_params(model) -> None:
+    """megatron-core 0.16 (tensor_parallel/layers.py): the local VocabParallelEmbedding and
+    Column/RowParallelLinear set `tensor_model_parallel` / `partition_dim` / `partition_stride` on their
+    weights only inside `_initialize_affine_weight_cpu/_gpu`, i.e. only with `config.perform_initialization`.
+    megaslim builds every model with it off (weights are loaded; model/build.py), so the TP-split weights
+    looked replicated: the optimizer's `get_main_grads_for_grad_norm` (and `count_zeros_fp32`) keeps such a
+    parameter on TP rank 0 only (`param_is_not_tensor_parallel_duplicate`), so at TP>1 the reported grad norm
+    missed the other ranks' shards and `train.clip_grad` clipped by that wrong norm (gradients and the
+    unclipped update were right). Set them here from megaslim's layout table, before DDP and the optimizer
+    are built (the optimizer copies them onto its main params). Upstream sets them irrespective of
+    initialisation since NVIDIA/Megatron-LM PR #4084 (merged 2026-03; the first release with it is not
+    verified here). Attributes already present (initialised weights, Transformer Engine layers, fixed
+    releases) are left as they are, so the entry is harmless there; remove it once the minimum
+    megatron-core includes that fix."""
+    from megaslim.model.layout import Layout, layout_of
+
+    gated = model.config.gated_linear_unit
+    for name, param in model.named_parameters():
+        layout = layout_of(name, gated=gated)
+        if layout is Layout.REPLICATED or getattr(param, "tensor_model_parallel", False):
+            continue
+        param.tensor_model_parallel = True
+        param.partition_dim = 1 if layout is Layout.ROW else 0
+        param.partition_stride = 1
