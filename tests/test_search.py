@@ -49,7 +49,7 @@ def test_enumeration_covers_the_grid_and_respects_skips():
     s = SearchConfig(max_width_pruning=0.5, max_depth_pruning=0.25, width_step=0.25,
                      hparams_to_skip=["num_attention_heads"])
     shapes = enumerate_shapes(SMOL, s)
-    # layers 30..23 (ceil(22.5)); ffn 1536 x (1, .75, .5) rounded down to 8; hidden x (1, .75, .5) to lcm(8, 9)
+    # layers 30..23 (ceil(22.5)); ffn 1536 x (1, .75, .5) rounded down to 8; hidden x (1, .75, .5) to 9 heads
     layers = range(23, 31)
     ffn = [1536, 1152, 768]
     hidden = [576, 432, 288]

@@ -20,7 +20,7 @@ from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch, check_parallel_layout
 
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
-_ALIGN = 8  # width sizes are multiples of 8 (tensor-core friendly, as ModelOpt's channel divisor)
+_ALIGN = 8  # ffn sizes (and Nemotron's hidden) are multiples of 8: tensor-core friendly
 
 
 def _width_values(size: int, search, divisor: int) -> list[int]:
@@ -56,7 +56,8 @@ def enumerate_shapes(arch: ModelArch, search, *, tps: tuple[int, ...] = (1,)) ->
     ffn = [f for f in ffn if f % tp == 0]
     shapes = []
     for heads in heads_opts:
-        divisor = _ALIGN if arch.family == "nemotron" else _lcm(_ALIGN, heads)
+        # transformers needs hidden % heads == 0 (Llama family); lcm(8, 9 heads) = 72 would be too coarse
+        divisor = _ALIGN if arch.family == "nemotron" else heads
         hidden = [arch.hidden_size] if "hidden_size" in skip else _width_values(arch.hidden_size, search, divisor)
         if arch.family != "nemotron":
             hidden = [h for h in hidden if h % heads == 0]
@@ -127,7 +128,7 @@ def _short_distill(cfg, student, student_arch, teacher, teacher_arch, eval_rows,
     c = copy.deepcopy(cfg)
     c.output_dir, c.resume = str(out_dir), False
     c.train.train_iters, c.train.lr_decay_iters = iters, None
-    c.train.warmup_iters = min(c.train.warmup_iters, iters // 10)
+    c.train.warmup_iters = min(c.train.warmup_iters, iters // 2)  # a high peak LR without warmup hurts
     t = c.train
     trainer = Trainer(c, Models(student, student_arch, teacher, teacher_arch), tokenizer_dir=None,
                       eval_rows=eval_rows)
@@ -187,7 +188,7 @@ def table(ranked: list[Ranked], budget: float, iters: int) -> None:
     for i, r in enumerate(ranked, 1):
         a = r.arch
         t.add_row(str(i), str(a.num_layers), str(a.hidden_size), str(a.ffn_hidden_size),
-                  f"{a.num_attention_heads}/{a.num_query_groups}", f"{a.num_params() / 1e6:.3g}M",
+                  f"{a.num_attention_heads}/{a.num_query_groups}", f"{a.num_params() / 1e6:.2f}M",
                   f"{r.pruned_loss:.4f}", f"{r.trained_loss:.4f}" if r.trained_loss is not None else "-",
                   f"{r.seconds:.0f}")
     Console().print(t)
