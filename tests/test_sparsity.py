@@ -263,3 +263,17 @@ def test_resume_without_masks_refused():
         check_resume(sparse, None, "ckpt")
     assert check_resume(sparse, keeper, "ckpt") is True
     assert check_resume({"extra": {}, "sharded_extra": ["optimizer"]}, None, "ckpt") is False
+
+
+def test_sparsity_alone_skips_the_importance_pass(tiny_llama_tok, tmp_path):
+    out = tmp_path / "s"
+    torchrun(ROOT / "launch" / "prune.py", f"model.load={tiny_llama_tok}", f"output_dir={out}",
+             f"data.eval_path={TEXT}", "data.seq_length=32", "eval.num_samples=4", "prune.sparsity.method=magnitude",
+             "prune.sparsity.ratio=0.25", env={"OMP_NUM_THREADS": "1"})
+    assert not (out / "importance.safetensors").exists()
+    result = json.loads((out / "prune.json").read_text())
+    assert result["params_after"] == result["params_before"]
+    sp = json.loads((out / "sparsity.json").read_text())
+    assert sp["fraction"] == 0.25 and len(sp["layers"]) == 4
+    for layer in sp["layers"]:
+        assert all(layer[name] == 0.25 for name in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"))

@@ -178,7 +178,10 @@ def run(cfg) -> dict:
     from megaslim import checkpoint as ckpt
 
     ckpt.check_output_dir(out_dir / "checkpoint")
-    needs_scores = scores is None and (cfg.importance.only or plan is None)
+    # sparsity alone (no structured target): an identity plan, no importance pass
+    sparsity_only = (cfg.prune.sparsity.method is not None and plan is None and target is not None
+                     and target == arch and cfg.prune.iterative == 1)
+    needs_scores = scores is None and (cfg.importance.only or plan is None) and not sparsity_only
     iterative = cfg.prune.iterative > 1 and not cfg.importance.only
     tokenizer = load_tokenizer(cfg.model, source)
     rows = eval_rows = None
