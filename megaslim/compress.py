@@ -56,13 +56,12 @@ def check(cfg: Config) -> list:
     arch = source_arch(resolve_source(cfg.model.load))
     tp = cfg.parallel.tensor_model_parallel_size
     if cfg.prune.target_params is not None:
-        from megaslim.prune.search import candidates
+        from megaslim.prune.run import search_candidates
 
         if cfg.compress.rounds:
             raise MegaslimError("prune.target_params searches one round's shape; unset compress.rounds (or give "
                                 "every round its shape and unset prune.target_params)")
-        candidates(arch, cfg.prune.target_params, cfg.prune.search,
-                   tps=(tp, cfg.prune.target_tensor_model_parallel_size or tp))
+        search_candidates(cfg, arch)
     for i, target in enumerate(rounds):
         try:
             arch = target_shape(arch, target, tp=tp, hf_export=True)
@@ -133,6 +132,8 @@ def run(cfg: Config) -> dict:
     cli.start(cfg)  # even when every stage is already done: rank 0 alone writes the summary
     out = Path(cfg.output_dir)
     corrected = _teacher_correction(cfg, out)
+    if corrected is not None and not corrected["finished"]:
+        return _stopped("teacher correction", corrected)
     original = cfg.model.load if corrected is None else corrected["checkpoint"]
     source, family = original, []
     for i, target in enumerate(rounds, 1):
@@ -152,13 +153,17 @@ def run(cfg: Config) -> dict:
             distilled = run_distill(_stage_cfg(cfg, output_dir=str(ddir), distill__teacher__load=teacher,
                                                distill__student__load=str(pdir / "checkpoint"),
                                                export__hf_dir=str(hf_dir), resume=resume))
+        if not distilled["finished"]:
+            return _stopped(f"round {i} distillation", distilled)
         family.append({"round": i, "params": pruned["params_after"], "pruned_loss": pruned["loss_after"],
                        "distilled_loss": distilled["student_eval_loss"],
                        "teacher_loss": distilled["teacher_eval_loss"], "tokens": distilled["tokens"],
                        "prune_seconds": pruned["seconds"], "distill_seconds": distilled["seconds"],
-                       "checkpoint": distilled["checkpoint"], "hf_dir": str(hf_dir),
-                       "lm_eval": _lm_eval(cfg, hf_dir, rdir / "lm_eval.json")})
+                       "checkpoint": distilled["checkpoint"], "hf_dir": str(hf_dir)})
         source = str(ddir / "checkpoint")
+    # lm-eval last, on rank 0 alone, after every collective: the other ranks must not wait on it
+    for r in family:
+        r["lm_eval"] = _lm_eval(cfg, Path(r["hf_dir"]), out / f"round{r['round']}" / "lm_eval.json")
     result = {"source_params": _done(out / "round1" / "prune" / "prune.json")["params_before"],
               "teacher_correction": corrected and {k: corrected[k] for k in (
                   "student_eval_loss_start", "student_eval_loss", "tokens", "seconds", "checkpoint")},
@@ -168,6 +173,15 @@ def run(cfg: Config) -> dict:
         _plot_family(result, out / "family.png")
     _table(result)
     return result
+
+
+def _stopped(stage: str, done: dict) -> dict:
+    """A stage that ended early (train.exit_interval): later stages must not build on it."""
+    from megaslim.runtime import rank0_print
+
+    rank0_print(f"compress: the {stage} stopped at step {done['steps']} of its run (train.exit_interval); "
+                "run the same command again to continue it")
+    return {"stopped": stage, "steps": done["steps"]}
 
 
 def _table(result: dict) -> None:

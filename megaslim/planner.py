@@ -380,8 +380,9 @@ def _rounds(cfg: Config, source: Shape, tp: int) -> list[Shape]:
         if cfg.compress.rounds:
             raise PlanError("prune.target_params searches one round's shape; unset compress.rounds")
         try:
-            return [cur.pruned(candidates(cur.arch, cfg.prune.target_params, cfg.prune.search,
-                                          tps=(tp, prune_tp))[0])]
+            return [cur.pruned(candidates(cur.arch, cfg.prune.target_params, cfg.prune.search, tps=(tp, prune_tp),
+                                          pp=cfg.prune.target_pipeline_model_parallel_size
+                                          or cfg.parallel.pipeline_model_parallel_size)[0])]
         except MegaslimError as err:
             raise PlanError(str(err)) from None
     for i, target in enumerate(targets, 1):

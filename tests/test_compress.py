@@ -70,3 +70,17 @@ def test_budget_round_with_teacher_correction(tiny_llama_tok, tmp_path):
     if importlib.util.find_spec("lm_eval") is None:
         assert "lm-evaluation-harness is not installed" in proc.stdout and r1["lm_eval"] is None
     assert "teacher (corrected)" in proc.stdout
+
+
+def test_a_stage_stopped_by_exit_interval_stops_compress_then_resumes(tiny_llama_tok, tmp_path):
+    out = tmp_path / "x"
+    args = [f"model.load={tiny_llama_tok}", f"output_dir={out}", f"data.train_path={TEXT}", f"data.eval_path={TEXT}",
+            f"data.calib_path={TEXT}", "data.seq_length=32", "importance.num_samples=8", "train.micro_batch_size=2",
+            "train.global_batch_size=4", "train.train_iters=2", "train.warmup_iters=0", "eval.num_samples=4",
+            "compress.teacher_correction_iters=2", "prune.export_config.hidden_size=56"]
+    proc = torchrun(ROOT / "launch" / "compress.py", *args, "train.exit_interval=1", env={"OMP_NUM_THREADS": "1"})
+    assert "teacher correction stopped at step 1" in proc.stdout
+    assert not (out / "round1").exists() and not (out / "compress.json").exists()
+    torchrun(ROOT / "launch" / "compress.py", *args, env={"OMP_NUM_THREADS": "1"})
+    result = json.loads((out / "compress.json").read_text())
+    assert result["teacher_correction"]["tokens"] == 2 * 4 * 32 and len(result["rounds"]) == 1

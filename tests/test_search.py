@@ -105,3 +105,23 @@ def test_search_end_to_end_at_tp2(tiny_llama_tok, tmp_path):
     plan = json.loads((out / "prune_plan.json").read_text())
     assert all(plan["target"][k] == best[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size",
                                                      "num_attention_heads"))
+
+
+def test_candidates_respect_target_pp_and_two_four_inputs():
+    s = SearchConfig(top_k=8, max_width_pruning=0.55)
+    budget = 0.6 * SMOL.num_params()
+    for a in candidates(SMOL, budget, s, pp=4):
+        assert a.num_layers % 4 == 0
+    for a in candidates(SMOL, budget, s, input_multiple=4):
+        assert a.hidden_size % 4 == 0 and a.ffn_hidden_size % 4 == 0
+        assert (a.num_attention_heads * a.kv_channels) % 4 == 0
+    # without the 2:4 rule the nearest shapes include hidden sizes that 4 does not divide (multiples of 9)
+    assert any(a.hidden_size % 4 for a in candidates(SMOL, budget, s))
+
+
+def test_width_grid_is_exact_in_integers():
+    from megaslim.prune.search import _width_values
+
+    values = _width_values(5120, SearchConfig(width_step=0.05, max_width_pruning=0.4), 8)
+    assert 3328 in values  # 5120 x 0.65, which floating point makes 3327.99...
+    assert values == sorted({5120 * k // 20 // 8 * 8 for k in range(12, 21)}, reverse=True)

@@ -78,8 +78,8 @@ def iterate(cfg, model, arch, target, scores, rows, eval_rows, out_dir, is_rank0
     return chain, steps
 
 
-def _search_candidates(cfg, arch, tp: int, ttp: int, pp: int) -> list:
-    """prune.target_params: the candidate shapes, checked before any compute."""
+def search_candidates(cfg, arch) -> list:
+    """prune.target_params: the candidate shapes, checked before any compute (also by compress)."""
     from megaslim.errors import MegaslimError
     from megaslim.prune.search import candidates
 
@@ -89,11 +89,16 @@ def _search_candidates(cfg, arch, tp: int, ttp: int, pp: int) -> list:
                + (["prune.iterative"] if cfg.prune.iterative != 1 else []))
     if clashes:
         raise MegaslimError(f"prune.target_params searches the shape itself; unset {', '.join(clashes)}")
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    ttp = cfg.prune.target_tensor_model_parallel_size or tp
+    tpp = cfg.prune.target_pipeline_model_parallel_size or pp
     if pp != 1:
         raise MegaslimError("prune.target_params prunes every candidate in memory and needs "
                             "parallel.pipeline_model_parallel_size=1 (write the result at any PP with "
                             "prune.target_pipeline_model_parallel_size)")
-    return candidates(arch, cfg.prune.target_params, cfg.prune.search, tps=(tp, ttp))
+    sp = cfg.prune.sparsity
+    return candidates(arch, cfg.prune.target_params, cfg.prune.search, tps=(tp, ttp), pp=tpp,
+                      input_multiple=4 if sp.method and sp.pattern == "2:4" else 1)
 
 
 def _search(cfg, model, arch, shapes, scores, eval_rows, train_prefix, tokenizer, out_dir):
@@ -149,7 +154,7 @@ def run(cfg) -> dict:
     scores = ImportanceScores.load(cfg.importance.scores_path, arch) if cfg.importance.scores_path else None
     target = shapes = None
     if cfg.prune.target_params is not None and not cfg.importance.only:
-        shapes = _search_candidates(cfg, arch, tp, ttp, pp)
+        shapes = search_candidates(cfg, arch)
     elif not cfg.importance.only and plan is None:
         target = target_shape(arch, cfg.prune.export_config, tp=ttp, hf_export=cfg.export.hf_dir is not None)
         if cfg.prune.drop_layers and cfg.prune.export_config.num_layers:

@@ -28,7 +28,7 @@ def _width_values(size: int, search, divisor: int) -> list[int]:
     lowest = math.ceil(size * (1 - search.max_width_pruning))
     out, k = {size}, 1
     while (r := 1 - k * search.width_step) >= 1 - search.max_width_pruning - 1e-9:
-        v = int(size * r) // divisor * divisor
+        v = int(size * r + 1e-6) // divisor * divisor  # 5120 x 0.65 is 3327.999... in floating point
         if v >= lowest and v > 0:
             out.add(v)
         k += 1
@@ -39,10 +39,12 @@ def _lcm(a: int, b: int) -> int:
     return a * b // math.gcd(a, b)
 
 
-def enumerate_shapes(arch: ModelArch, search, *, tps: tuple[int, ...] = (1,)) -> list[ModelArch]:
+def enumerate_shapes(arch: ModelArch, search, *, tps: tuple[int, ...] = (1,), pp: int = 1,
+                     input_multiple: int = 1) -> list[ModelArch]:
     """Every valid shape of the search space (query groups kept; heads pruned inside groups), valid at
-    every TP size in `tps` and exportable to HF (transformers wants hidden % heads == 0 for the Llama
-    family), largest first."""
+    every TP size in `tps` with `pp` pipeline stages, exportable to HF (transformers wants hidden % heads
+    == 0 for the Llama family), and with every linear's input dimension a multiple of `input_multiple`
+    (4 for 2:4 sparsity), largest first."""
     skip = set(search.hparams_to_skip)
     tp = max(_lcm(a, b) for a in tps for b in tps)
     L = arch.num_layers
@@ -65,9 +67,11 @@ def enumerate_shapes(arch: ModelArch, search, *, tps: tuple[int, ...] = (1,)) ->
             for f in ffn:
                 for nl in layers:
                     shape = replace(arch, num_layers=nl, hidden_size=h, ffn_hidden_size=f, num_attention_heads=heads)
+                    if any(d % input_multiple for d in (h, f, heads * arch.kv_channels)):
+                        continue
                     try:
                         for t in tps:
-                            check_parallel_layout(shape, t, 1)
+                            check_parallel_layout(shape, t, pp)
                     except MegaslimError:
                         continue
                     shapes.append(shape)
@@ -75,14 +79,18 @@ def enumerate_shapes(arch: ModelArch, search, *, tps: tuple[int, ...] = (1,)) ->
     return shapes
 
 
-def candidates(arch: ModelArch, budget: float, search, *, tps: tuple[int, ...] = (1,)) -> list[ModelArch]:
+def candidates(arch: ModelArch, budget: float, search, *, tps: tuple[int, ...] = (1,), pp: int = 1,
+               input_multiple: int = 1) -> list[ModelArch]:
     """The `top_k` shapes within `budget` parameters nearest to it; clear errors for budgets outside
     what the search space can reach."""
     total = arch.num_params()
     if budget >= total:
         raise MegaslimError(f"prune.target_params={budget:,.0f} is not below the source model's "
                             f"{total:,} parameters: nothing to prune")
-    shapes = enumerate_shapes(arch, search, tps=tps)
+    shapes = enumerate_shapes(arch, search, tps=tps, pp=pp, input_multiple=input_multiple)
+    if not shapes:
+        raise MegaslimError(f"prune.search allows no shape valid at TP {tps}, PP {pp}"
+                            + (f" with inputs divisible by {input_multiple} (2:4 sparsity)" if input_multiple > 1 else ""))
     fit = [s for s in shapes if s.num_params() <= budget]
     if not fit:
         smallest = min(shapes, key=lambda a: a.num_params())
