@@ -41,9 +41,13 @@ class MaskKeeper:
         missing = sorted(n for n in masks if n not in params)
         if missing:
             raise MegaslimError(f"sparsity masks name weights this student lacks: {missing[:5]}")
-        self.masks = {n: m.to(params[n].device) for n, m in masks.items()}
-        self._pairs = [(params[n], ~m) for n, m in self.masks.items()]
-        apply_masks(self.model, self.masks)
+        apply_masks(self.model, masks)
+        # only the drop masks are held (one bool per weight); keep-masks are made when saving
+        self._drops = {n: ~m.to(params[n].device) for n, m in masks.items()}
+        self._pairs = [(params[n], d) for n, d in self._drops.items()]
+
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        return {n: ~d for n, d in self._drops.items()}
 
     @torch.no_grad()
     def mask_grads(self) -> None:
@@ -69,10 +73,10 @@ class MaskKeeper:
         config.finalize_model_grads_func = finalize
 
     def sharded(self) -> dict:
-        return {MASKS_KEY: sharded_masks(self.model, self.masks)}
+        return {MASKS_KEY: sharded_masks(self.model, self.keep_masks())}
 
     def load_request(self) -> dict:
-        return {MASKS_KEY: sharded_masks(self.model, self.masks, for_loading=True)}
+        return {MASKS_KEY: sharded_masks(self.model, self.keep_masks(), for_loading=True)}
 
 
 def check_resume(meta: dict, keeper: Optional[MaskKeeper], root) -> bool:
