@@ -262,6 +262,22 @@ def test_exit_then_resume_equals_uninterrupted(tiny_llama_tok, plan_dir, contras
     wa, wb = HFReader(contrastive_run / "hf"), HFReader(out / "hf")
     for k in wa.keys():
         assert torch.equal(wa.get(k), wb.get(k)), k
+    # a run saved with the projection does not resume under a config without one (before any load)
+    no_pairs = [a for a in args if not a.startswith(("distill.intermediate", "export.hf_dir"))]
+    proc = torchrun(ROOT / "launch" / "distill.py", *no_pairs, "train.train_iters=4", "resume=true", nproc=1,
+                    timeout=300, check=False)
+    assert proc.returncode != 0 and "written with the learned intermediate-loss projection" in proc.stderr
+
+
+def test_projection_resume_rule():
+    from megaslim.distill.train import check_projection_resume
+
+    check_projection_resume({"projection": True}, True, "ckpt")
+    check_projection_resume({}, False, "ckpt")  # checkpoints from before the record: no projection
+    with pytest.raises(MegaslimError, match="written without .* this config needs one"):
+        check_projection_resume({"projection": False}, True, "ckpt")
+    with pytest.raises(MegaslimError, match="written with .* this config uses none"):
+        check_projection_resume({"projection": True}, False, "ckpt")
 
 
 def test_cosine_across_widths_now_trains_at_dp2(tiny_llama_tok, plan_dir, tmp_path):

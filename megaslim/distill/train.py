@@ -94,6 +94,16 @@ def attach_projection(cfg: Config, models: Models) -> Optional[losses.HiddenProj
     return proj
 
 
+def check_projection_resume(extra: dict, needed: bool, root) -> None:
+    """A run resumes with the projection it was saved with (recorded in the checkpoint's extra)."""
+    saved = bool(extra.get("projection", False))
+    if saved != needed:
+        raise MegaslimError(
+            f"resume: {root} was written {'with' if saved else 'without'} the learned intermediate-loss "
+            f"projection and this config {'needs one' if needed else 'uses none'}; resume with the same "
+            "distill.intermediate_layer_pairs / intermediate_loss, or use another output_dir")
+
+
 def pair_metric_key(kind: str, s: int, t: int) -> str:
     """metrics key of one intermediate pair: hidden_{s}_{t} (cosine | mse), contrastive_{s}_{t}."""
     return f"{'contrastive' if kind == 'contrastive' else 'hidden'}_{s}_{t}"
@@ -207,6 +217,7 @@ class Trainer:
 
         extra = {"consumed_samples": self.consumed_samples, "scheduler": self.scheduler.state_dict(),
                  "global_batch_size": self.cfg.train.global_batch_size, "kind": "distill",
+                 "projection": needs_projection(self.cfg, self.models.student_arch, self.models.teacher_arch),
                  **({"sparsity": self.sparsity.record} if self.sparsity is not None else {})}
         return ckpt.save_checkpoint(self.models.student, self.models.student_arch, self.ckpt_root, self.step,
                                     tokenizer_dir=self.tokenizer_dir, extra=extra,
@@ -231,6 +242,8 @@ class Trainer:
         from megaslim.sparsity.train import check_resume
 
         sparse = check_resume(meta, self.sparsity, self.ckpt_root)  # a sparse run resumes with its masks only
+        check_projection_resume(extra, needs_projection(self.cfg, self.models.student_arch, self.models.teacher_arch),
+                                self.ckpt_root)
         prepare_distributed_optimizer_for_load(self.optimizer)
         meta = ckpt.load_into(self.models.student, self.ckpt_root, arch=self.models.student_arch,
                               sharded_extra={"optimizer": self._optimizer_sharded(True), **self._projection_extra(),
