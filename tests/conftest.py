@@ -40,3 +40,18 @@ def tiny_llama_tok(tmp_path_factory):
     from tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tinytok") / "llama", tokenizer=True, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_pruned(tiny_llama_tok, tmp_path_factory):
+    """launch/prune.py once on tiny_llama_tok: hidden 64 -> 48, ffn 128 -> 96, 4 -> 2 layers. The folder
+    holds prune_plan.json and the pruned student checkpoint (shared by the distillation tests)."""
+    from dist_utils import ROOT, torchrun
+
+    text = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
+    out = tmp_path_factory.mktemp("plan")
+    torchrun(ROOT / "launch" / "prune.py", f"model.load={tiny_llama_tok}", f"output_dir={out}",
+             f"data.calib_path={text}", f"data.eval_path={text}", "data.seq_length=32",
+             "importance.num_samples=8", "eval.num_samples=2", "prune.export_config.hidden_size=48",
+             "prune.export_config.ffn_hidden_size=96", "prune.export_config.num_layers=2", nproc=1)
+    return out

@@ -177,14 +177,9 @@ CONTRASTIVE = ["distill.intermediate_loss=contrastive", PAIRS, "train.train_iter
 
 
 @pytest.fixture(scope="module")
-def plan_dir(tiny_llama_tok, tmp_path_factory):
-    """prune.py once: a plan (hidden 64 -> 48, 4 -> 2 layers) and the pruned student checkpoint."""
-    out = tmp_path_factory.mktemp("plan")
-    torchrun(ROOT / "launch" / "prune.py", f"model.load={tiny_llama_tok}", f"output_dir={out}",
-             f"data.calib_path={TEXT}", f"data.eval_path={TEXT}", "data.seq_length=32",
-             "importance.num_samples=4", "eval.num_samples=2", "prune.export_config.hidden_size=48",
-             "prune.export_config.ffn_hidden_size=96", "prune.export_config.num_layers=2", nproc=1)
-    return out
+def plan_dir(tiny_pruned):
+    """The shared tiny plan (hidden 64 -> 48, 4 -> 2 layers) and its pruned student checkpoint."""
+    return tiny_pruned
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,9 @@ def _args(model_dir, out, plan, *extra):
 
 
 @pytest.fixture(scope="module")
-def plan(tiny_llama_tok, tmp_path_factory):
+def plan(tiny_pruned):
     """A width+depth plan for the tiny model (made once by prune.py, so every run prunes alike)."""
-    out = tmp_path_factory.mktemp("plan")
-    torchrun(ROOT / "launch" / "prune.py", f"model.load={tiny_llama_tok}", f"output_dir={out}",
-             f"data.calib_path={TEXT}", f"data.eval_path={TEXT}", "data.seq_length=32",
-             "importance.num_samples=8", "eval.num_samples=2", "prune.export_config.hidden_size=48",
-             "prune.export_config.ffn_hidden_size=96", "prune.export_config.num_layers=2", nproc=1)
-    return out / "prune_plan.json"
+    return tiny_pruned / "prune_plan.json"
 
 
 def _losses(out):
