@@ -30,7 +30,7 @@ def main():
     from megaslim.data.calibration import calibration_rows
     from megaslim.importance.calibrate import activation_scores
     from megaslim.model.forward import make_microbatches, run_forward
-    from megaslim.model.load import load_model, resolve_source
+    from megaslim.sources import load_model, resolve_source
     from megaslim.runtime import init_runtime
     from megaslim.tokenizer import load_tokenizer
 

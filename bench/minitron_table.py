@@ -609,11 +609,11 @@ def _worker_eval(spec: dict) -> dict:
     import gc
     import traceback
 
-    from megaslim.cli import write_json
+    from megaslim.commands.cli import write_json
     from megaslim.config import load_config
     from megaslim.data.corpora import data_path
     from megaslim.data.packing import pack_rows, read_documents
-    from megaslim.model.load import resolve_source
+    from megaslim.sources import resolve_source
     from megaslim.runtime import init_runtime
     from megaslim.tokenizer import load_tokenizer
 
@@ -645,7 +645,7 @@ def _eval_one(cfg, source, rows) -> dict:
     import torch
 
     from megaslim.eval import evaluate_rows
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, arch, _ = load_model(cfg.model, source)
     zeros = total = 0
@@ -676,7 +676,7 @@ def _worker_init(spec: dict) -> dict:
     from megaslim.checkpoint import save_checkpoint
     from megaslim.config import load_config
     from megaslim.model.build import build_gpt
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.runtime import init_runtime
 
     cfg = load_config(spec["config"])
@@ -692,7 +692,7 @@ def _worker_init(spec: dict) -> dict:
 
 
 def worker_main(mode: str, spec_path: str) -> None:
-    from megaslim.cli import write_json
+    from megaslim.commands.cli import write_json
     from megaslim.runtime import main_guard
 
     spec = json.loads(Path(spec_path).read_text())
@@ -840,7 +840,7 @@ def main(argv=None):
     fig = plot_curves(results, docs / "results_loss_curves.png")
     if fig is None:
         doc["notes"] = ["no distillation run finished: no loss curves"]
-    from megaslim.cli import atomic_write_text, write_json
+    from megaslim.commands.cli import atomic_write_text, write_json
 
     write_json(docs / "results.json", doc)
     text = render_markdown(doc)

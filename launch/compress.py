@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim import cli  # noqa: E402
+from megaslim.commands import cli  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 _PLANNER_FLAGS = ("--nodes", "--gpus-per-node", "--gpu-memory-gib", "--gpu-tflops", "--mfu", "--overhead-gib",

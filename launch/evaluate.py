@@ -8,7 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim import cli  # noqa: E402
+from megaslim.commands import cli  # noqa: E402
+from megaslim import io as mio  # noqa: E402
+from megaslim import report  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 
@@ -27,10 +29,10 @@ def eval_rows(cfg, tokenizer, arch):
 def main():
     cfg = cli.parse_args(__doc__)
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.tokenizer import load_tokenizer
 
-    timer = cli.Timer()
+    timer = report.Timer()
     source = resolve_source(cfg.model.load)  # input checks before any distributed work
     arch = source_arch(source)
     check_parallel_layout(arch, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
@@ -39,7 +41,7 @@ def main():
 
     rt = cli.start(cfg)
     from megaslim.eval import evaluate_rows
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, arch, _ = load_model(cfg.model, source)
     result = evaluate_rows(model, rows, vocab_size=arch.vocab_size, micro_batch_size=cfg.data.micro_batch_size)
@@ -47,8 +49,8 @@ def main():
                   tp=rt.tp, pp=rt.pp, dp=rt.dp, params=arch.num_params())
     out = Path(cfg.output_dir) / "eval.json"
     if rt.is_rank0:
-        cli.write_json(out, result)
-    cli.summary_table("megaslim evaluate", [
+        mio.write_json(out, result)
+    report.summary_table("megaslim evaluate", [
         ("model", source.label), ("params", arch.num_params()),
         ("layout", f"TP={rt.tp} PP={rt.pp} DP={rt.dp}"),
         ("rows x seq_length", f"{result['num_samples']} x {result['seq_length']}"),

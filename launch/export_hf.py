@@ -8,7 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim import cli  # noqa: E402
+from megaslim.commands import cli  # noqa: E402
+from megaslim import report  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 
@@ -17,9 +18,9 @@ def main():
     from megaslim.errors import MegaslimError
     from megaslim.model.arch import check_parallel_layout
     from megaslim.model.hf import check_output_dir
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
 
-    timer = cli.Timer()
+    timer = report.Timer()
     out = Path(cfg.export.hf_dir or Path(cfg.output_dir) / "hf")
     check_output_dir(out)
     source = resolve_source(cfg.model.load)
@@ -30,11 +31,11 @@ def main():
 
     cli.start(cfg)
     from megaslim.model.hf import export_hf
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, arch, _ = load_model(cfg.model, source)
     export_hf(model, arch, out, tokenizer_dir=cfg.model.tokenizer or source.tokenizer_dir, source=source.label)
-    cli.summary_table("megaslim export_hf", [
+    report.summary_table("megaslim export_hf", [
         ("model", source.label), ("params", arch.num_params()),
         ("shape", f"{arch.num_layers} layers, hidden {arch.hidden_size}, ffn {arch.ffn_hidden_size}, "
                   f"heads {arch.num_attention_heads}/{arch.num_query_groups} groups"),

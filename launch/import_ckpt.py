@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from megaslim.cli import Timer, parse_args, save_run_config, start, summary_table, write_json  # noqa: E402
+from megaslim.commands.cli import Timer, parse_args, save_run_config, start, summary_table, write_json  # noqa: E402
 from megaslim.runtime.distributed import main_guard  # noqa: E402
 
 RESULT = "import_ckpt.json"
@@ -22,7 +22,7 @@ def main() -> None:
     from megaslim import checkpoint
     from megaslim.errors import MegaslimError
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.model.load import load_model, resolve_source, source_arch
+    from megaslim.sources import load_model, resolve_source, source_arch
 
     out = Path(cfg.output_dir)
     checkpoint.check_output_dir(out)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim import cli  # noqa: E402
+from megaslim import io as mio  # noqa: E402
+from megaslim import report  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 
@@ -65,11 +66,11 @@ def main():
     from megaslim.data.packing import read_documents
     from megaslim.tokenizer import load_tokenizer
 
-    timer = cli.Timer()
+    timer = report.Timer()
     todo = jobs(args, cfg)
     source = None
     if cfg.model.tokenizer is None:
-        from megaslim.model.load import resolve_source
+        from megaslim.sources import resolve_source
 
         source = resolve_source(cfg.model.load)
     tokenizer = load_tokenizer(cfg.model, source)
@@ -79,7 +80,7 @@ def main():
                               desc=f"tokenizing {src.name}")
         results.append({"key": what, "input": str(src), **stats})
     out_dir = Path(cfg.output_dir) if args.input is None else Path(args.output_prefix).parent
-    report = cli.write_json(out_dir / "preprocess.json", {
+    report = mio.write_json(out_dir / "preprocess.json", {
         "tokenizer": str(cfg.model.tokenizer or source.tokenizer_dir),
         "vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id, "outputs": results})
     rows = [("tokenizer", cfg.model.tokenizer or source.label), ("workers", args.workers)]
@@ -87,7 +88,7 @@ def main():
         rows.append((r["key"], f"{r['input']} -> {r['prefix']}.{{bin,idx}}"))
         rows.append(("  documents / tokens", f"{r['documents']:,} / {r['tokens']:,}"))
     rows += [("seconds", round(timer.seconds, 1)), ("results", report)]
-    cli.summary_table("megaslim preprocess_data", rows)
+    report.summary_table("megaslim preprocess_data", rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim import cli  # noqa: E402
+from megaslim.commands import cli  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 

@@ -13,7 +13,9 @@ import copy
 import json
 from pathlib import Path
 
-from megaslim import cli
+from megaslim.commands import cli
+from megaslim import io as mio
+from megaslim import report
 from megaslim.config import Config
 from megaslim.errors import MegaslimError
 
@@ -49,7 +51,7 @@ def _layout(cfg: Config) -> None:
 
 def check(cfg: Config) -> list:
     """Round targets, validated against each other before anything runs."""
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.prune.plan import target_shape
 
     rounds = list(cfg.compress.rounds) or [cfg.prune.export_config]
@@ -77,7 +79,7 @@ def _teacher_correction(cfg: Config, out: Path) -> dict | None:
     """compress.teacher_correction_iters > 0: fine-tune the teacher on the train corpus with the LM loss
     (Minitron's teacher correction); the corrected teacher is then pruned and distilled from."""
     from megaslim.distill.run import run as run_distill
-    from megaslim.model.load import resolve_source
+    from megaslim.sources import resolve_source
 
     iters = cfg.compress.teacher_correction_iters
     if iters == 0:
@@ -112,14 +114,14 @@ def _lm_eval(cfg: Config, hf_dir: Path, out_json: Path) -> dict | None:
                     "(pip install 'megaslim[eval]'; docs/lm_eval.md)")
         return None
     result = None
-    if cli.is_rank0():
+    if report.is_rank0():
         from lm_eval import simple_evaluate
 
         res = simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=tasks,
                               batch_size=8)
         result = {task: {k: v for k, v in m.items() if isinstance(v, (int, float))}
                   for task, m in res["results"].items()}
-        cli.write_json(out_json, result)
+        mio.write_json(out_json, result)
     return result
 
 
@@ -127,7 +129,7 @@ def run(cfg: Config) -> dict:
     from megaslim.distill.run import run as run_distill
     from megaslim.prune.run import run as run_prune
 
-    timer = cli.Timer()
+    timer = report.Timer()
     rounds = check(cfg)
     cli.start(cfg)  # even when every stage is already done: rank 0 alone writes the summary
     out = Path(cfg.output_dir)
@@ -168,8 +170,8 @@ def run(cfg: Config) -> dict:
               "teacher_correction": corrected and {k: corrected[k] for k in (
                   "student_eval_loss_start", "student_eval_loss", "tokens", "seconds", "checkpoint")},
               "rounds": family, "seconds": timer.seconds}
-    if cli.is_rank0():
-        cli.write_json(out / "compress.json", result)
+    if report.is_rank0():
+        mio.write_json(out / "compress.json", result)
         _plot_family(result, out / "family.png")
     _table(result)
     return result
@@ -185,7 +187,7 @@ def _stopped(stage: str, done: dict) -> dict:
 
 
 def _table(result: dict) -> None:
-    if not cli.is_rank0():
+    if not report.is_rank0():
         return
     import math
 

@@ -692,7 +692,7 @@ def dry_run(cfg: Config, opts: Optional[PlannerOptions] = None, *, config_path: 
     p = plan(cfg, opts, config_path=config_path)
     render(p, console)
     if json_path:
-        from megaslim.cli import write_json
+        from megaslim.commands.cli import write_json
 
         write_json(json_path, to_json(p))
     if not p.fits:

@@ -21,7 +21,7 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded default model as a cached HF directory (downloaded and converted once)."""
-    from megaslim.model.load import default_model_dir
+    from megaslim.sources import default_model_dir
 
     return default_model_dir()
 

@@ -96,7 +96,7 @@ def test_prune_width_and_depth_exports_an_hf_model_matching_megatron(sources, to
                                                                       megatron_tp1):
     from megaslim.importance.calibrate import compute_importance
     from megaslim.model.hf import export_hf
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
     from megaslim.prune.apply import prune_in_memory
     from megaslim.prune.plan import build_plan, target_shape
 
@@ -135,7 +135,7 @@ def test_nemotron_scores_match_plain_hooks_on_the_hf_model_and_tp2(sources, tmp_
     numbers from plain hooks on transformers' NemotronForCausalLM, and from megaslim at TP=2."""
     from megaslim.importance.calibrate import compute_importance
     from megaslim.importance.scores import ImportanceScores
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, arch, _ = load_model(ModelConfig(load=str(sources["nemotron"])))
     torch.manual_seed(4)

@@ -41,7 +41,7 @@ def saved(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_llama, megatron_tp1):
     """The HF source loaded straight into megatron at TP=1: weights and logits to match exactly."""
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, _, _ = load_model(ModelConfig(load=str(tiny_llama)))
     return _weights(model), _logits(model)
@@ -90,7 +90,7 @@ def test_saved_at_tp2_or_pp2_reloads_at_tp1_exactly(saved, reference, layout):
 
 
 def test_load_model_accepts_a_checkpoint_root_or_iter_dir(saved, reference, megatron_tp1):
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     for path in (saved["tp2"], saved["tp2"] / "iter_0000000"):
         model, arch, source = load_model(ModelConfig(load=str(path)))
@@ -184,7 +184,7 @@ def _damage_cases():
 
 @pytest.mark.parametrize("case", list(_damage_cases()))
 def test_corrupt_checkpoint_gives_clear_error(saved, tmp_path, megatron_tp1, case):
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     damage, message = _damage_cases()[case]
     root = tmp_path / "ckpt"
@@ -237,7 +237,7 @@ def test_import_refuses_foreign_output_dir(tiny_llama, tmp_path):
 def test_smollm2_saved_at_tp3_reloads_at_tp1_with_identical_logits(smollm2_dir, tmp_path, megatron_tp1):
     from transformers import AutoTokenizer
 
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     root = tmp_path / "smollm2"
     _import(smollm2_dir, root, tp=3)

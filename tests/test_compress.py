@@ -43,7 +43,7 @@ def test_budget_round_with_teacher_correction(tiny_llama_tok, tmp_path):
     import importlib.util
     import math
 
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
 
     arch = source_arch(resolve_source(str(tiny_llama_tok)))
     budget = math.floor(0.8 * arch.num_params())

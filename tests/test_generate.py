@@ -17,7 +17,7 @@ GEN = ["generate.num_prompts=6", "generate.batch_size=4", "generate.max_new_toke
 @pytest.fixture(scope="module")
 def teacher(megatron_tp1, tiny_llama_tok):
     from megaslim.config import ModelConfig
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, arch, _ = load_model(ModelConfig(load=str(tiny_llama_tok)))
     return model, arch
@@ -147,7 +147,7 @@ def test_student_trains_with_lm_loss_on_synthetic_data(tiny_llama_tok, generated
 
 def test_bad_input(tiny_llama_tok, tmp_path):
     from megaslim.config import ConfigError
-    from megaslim.cli import parse_args
+    from megaslim.commands.cli import parse_args
     from megaslim.distill.generate import prepare
     from megaslim.errors import MegaslimError
 

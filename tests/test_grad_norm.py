@@ -53,7 +53,7 @@ def test_tensor_parallel_attributes_follow_the_layout_table(tiny_llama_tok, mega
     replicated ones (norms) are not."""
     from megaslim.config import ModelConfig
     from megaslim.model.layout import Layout, layout_of
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, _, _ = load_model(ModelConfig(load=str(tiny_llama_tok)))
     marked = 0

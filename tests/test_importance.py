@@ -88,7 +88,7 @@ def _all_hooks(model):
 
 def test_hooks_removed_after_an_exception(tiny_llama, megatron_tp1):
     from megaslim.config import ModelConfig
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, _, _ = load_model(ModelConfig(load=str(tiny_llama)))
     before = _all_hooks(model)
@@ -208,7 +208,7 @@ def test_smollm2_scores_match_plain_hf_hooks(smollm2_dir, smol_rows, megatron_tp
 
     from megaslim.config import ImportanceConfig, ModelConfig
     from megaslim.importance.calibrate import compute_importance
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     rows, _ = smol_rows
     model, arch, _ = load_model(ModelConfig(load=str(smollm2_dir)))

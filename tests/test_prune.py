@@ -20,7 +20,7 @@ def _logits(model, tokens):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama, megatron_tp1):
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, arch, _ = load_model(ModelConfig(load=str(tiny_llama)))
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ def smol(smollm2_dir, megatron_tp1):
     from megaslim.data.packing import pack_rows, read_documents
     from megaslim.eval import evaluate_rows
     from megaslim.importance.calibrate import compute_importance
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     model, arch, _ = load_model(ModelConfig(load=str(smollm2_dir)))

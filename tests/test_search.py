@@ -77,7 +77,7 @@ def test_launcher_refuses_a_budget_with_an_explicit_shape_before_compute(tiny_ll
 
 
 def test_search_end_to_end_at_tp2(tiny_llama_tok, tmp_path):
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
 
     arch = source_arch(resolve_source(str(tiny_llama_tok)))
     budget = math.floor(0.85 * arch.num_params())

@@ -71,7 +71,7 @@ def test_2to4_on_pruned_shape_refused_before_compute(tiny_llama_tok, tmp_path):
 @pytest.fixture(scope="module")
 def tok(tiny_llama_tok):
     from megaslim.config import ModelConfig
-    from megaslim.model.load import resolve_source
+    from megaslim.sources import resolve_source
     from megaslim.tokenizer import load_tokenizer
 
     return load_tokenizer(ModelConfig(load=str(tiny_llama_tok)), resolve_source(str(tiny_llama_tok)))
@@ -88,7 +88,7 @@ def rows(tok):
 def tp1(megatron_tp1, tiny_llama_tok, rows):
     """The TP=1 model, its Wanda norms (micro-batches of 2) and its linears."""
     from megaslim.config import ModelConfig
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
     from megaslim.sparsity.apply import local_linears
     from megaslim.sparsity.wanda import input_norms
 
@@ -169,7 +169,7 @@ def test_masks_at_tp2_equal_tp1(tp1, rows, tiny_llama_tok, tmp_path):
 def _masks_and_weights(ckpt_dir):
     """Full (TP=1 layout) masks and weights of a checkpoint, read in this process."""
     from megaslim.config import ModelConfig
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
     from megaslim.sparsity.apply import load_masks
 
     model, arch, _ = load_model(ModelConfig(load=str(ckpt_dir)))

@@ -234,7 +234,7 @@ def prepare(cfg, s: GenerateSettings) -> dict:
     from megaslim.data.corpora import data_path
     from megaslim.data.indexed import cached_indexed
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.runtime.distributed import check_layout
     from megaslim.tokenizer import load_tokenizer
 
@@ -273,11 +273,13 @@ def run_generate(cfg, s: GenerateSettings) -> dict:
 
     from tqdm import tqdm
 
-    from megaslim import cli
-    from megaslim.model.load import load_model
+    from megaslim.commands import cli
+    from megaslim import io as mio
+    from megaslim import report
+    from megaslim.sources import load_model
     from megatron.core import parallel_state as ps
 
-    timer = cli.Timer()
+    timer = report.Timer()
     p = prepare(cfg, s)
     rt = cli.start(cfg)
     model, arch, _ = load_model(replace(cfg.model, load=None), p["source"])
@@ -318,9 +320,9 @@ def run_generate(cfg, s: GenerateSettings) -> dict:
             "tokens_per_s": new_tokens / max(gen_seconds, 1e-9), "seed": p["seed"],
             "settings": asdict(s) if hasattr(s, "__dataclass_fields__") else dict(s),
         }
-        cli.write_json(Path(cfg.output_dir) / "generate.json", summary)
+        mio.write_json(Path(cfg.output_dir) / "generate.json", summary)
     dist.barrier()
-    cli.summary_table("megaslim generate", [
+    report.summary_table("megaslim generate", [
         ("teacher", f"{p['source'].label} ({arch.num_params():,} params)"),
         ("prompts", f"{len(prompts)} from {p['prompt_source']}"),
         ("sampling", f"temperature={s.temperature} top_p={s.top_p} max_new_tokens={s.max_new_tokens} "

@@ -76,7 +76,7 @@ def _file_sample_digest(path: Path, h, chunk: int = 1 << 20) -> None:
 
 
 def weights_digest(source) -> str:
-    """A short digest of a model source's weight files (megaslim.model.load.Source)."""
+    """A short digest of a model source's weight files (megaslim.sources.Source)."""
     from megaslim import checkpoint as ckpt
 
     root = ckpt.resolve(source.path) if source.kind == "checkpoint" else Path(source.path)
@@ -433,7 +433,7 @@ def prepare_precompute(cfg, settings: OfflineSettings) -> dict:
     from megaslim.data.indexed import cached_indexed
     from megaslim.data.packing import pack_rows, read_documents
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.runtime.distributed import check_layout
     from megaslim.tokenizer import load_tokenizer
 
@@ -474,14 +474,16 @@ def precompute(cfg, settings: OfflineSettings) -> dict:
     and write its top-k log-probs (k = distill.top_k) as a store in `output_dir`."""
     from tqdm import tqdm
 
-    from megaslim import cli
+    from megaslim.commands import cli
+    from megaslim import io as mio
+    from megaslim import report
     from megaslim.data.loaders import gpt_dataset, micro_batches
     from megaslim.eval import evaluate_rows
     from megaslim.model.forward import run_forward
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
     from megatron.core import parallel_state as ps
 
-    timer = cli.Timer()
+    timer = report.Timer()
     p = prepare_precompute(cfg, settings)
     rt = cli.start(cfg)
     from dataclasses import replace
@@ -554,9 +556,9 @@ def precompute(cfg, settings: OfflineSettings) -> dict:
                              "world_size": rt.world_size},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        cli.write_json(out / INDEX, result)  # last: from now on the store is complete
+        mio.write_json(out / INDEX, result)  # last: from now on the store is complete
     dist.barrier()
-    cli.summary_table("megaslim teacher_logits", [
+    report.summary_table("megaslim teacher_logits", [
         ("teacher", f"{p['source'].label} ({arch.num_params():,} params)"),
         ("samples x tokens", f"{total} x {seq}"),
         ("top-k / dtype", f"{k} / {settings.dtype}"),

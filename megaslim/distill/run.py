@@ -5,7 +5,9 @@ import os
 import time
 from pathlib import Path
 
-from megaslim import cli
+from megaslim.commands import cli
+from megaslim import io as mio
+from megaslim import report
 from megaslim.config import Config, ModelConfig
 from megaslim.errors import MegaslimError
 
@@ -24,7 +26,7 @@ def prepare(cfg: Config) -> dict:
     from megaslim.data.packing import pack_rows, read_documents
     from megaslim.distill.train import resolve_pairs
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.runtime.distributed import check_layout
     from megaslim.tokenizer import load_tokenizer
 
@@ -139,7 +141,7 @@ def _check_offline_config(cfg: Config, store_dir) -> None:
 
 
 def _store_source(store):
-    from megaslim.model.load import Source
+    from megaslim.sources import Source
 
     return Source("offline", store.path, store.tokenizer_dir, f"offline teacher logits {store.path}")
 
@@ -148,7 +150,7 @@ def _named_teacher(cfg: Config, store_dir, tokenizer):
     """Identity of a teacher model the config also names (model.load, or distill.teacher.load beside
     distill.offline_logits), to refuse logits of another teacher; None when none is named."""
     from megaslim.distill import offline as off
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
 
     named = cfg.distill.teacher.load if getattr(cfg.distill, "offline_logits", None) else None
     named = named if named and not off.is_offline_dir(named) else cfg.model.load
@@ -174,14 +176,14 @@ def default_student(cfg: Config, teacher, teacher_arch, plan, calib_rows):
             scores, _ = compute_importance(teacher, teacher_arch, calib_rows, cfg.importance,
                                            micro_batch_size=cfg.data.micro_batch_size,
                                            transformer_impl=cfg.model.transformer_impl)
-            if cli.is_rank0():
+            if report.is_rank0():
                 scores.save(out / "importance.safetensors")
         target = target_shape(teacher_arch, cfg.prune.export_config,
                               tp=cfg.parallel.tensor_model_parallel_size, hf_export=False)
         plan = build_plan(teacher_arch, target, scores, drop_layers=cfg.prune.drop_layers,
                           layer_metric=cfg.prune.layer_metric, contiguous=cfg.prune.drop_contiguous,
                           fold_heads=cfg.prune.fold_heads and cfg.prune.fold_mode)
-    if cli.is_rank0():
+    if report.is_rank0():
         plan.save(out / "prune_plan.json")
     scratch = out / ".student_full.partial"
     write_pruned_stage(teacher, plan, scratch)
@@ -189,7 +191,7 @@ def default_student(cfg: Config, teacher, teacher_arch, plan, calib_rows):
     import torch.distributed as dist
 
     dist.barrier()
-    if cli.is_rank0():
+    if report.is_rank0():
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
@@ -197,12 +199,12 @@ def default_student(cfg: Config, teacher, teacher_arch, plan, calib_rows):
 
 
 def run(cfg: Config) -> dict:
-    timer = cli.Timer()
+    timer = report.Timer()
     p = prepare(cfg)
     rt = cli.start(cfg)
     from megaslim.data.loaders import train_micro_batches
     from megaslim.distill.train import Models, Trainer, plot_losses, step_batches, write_metrics, _finite_or_raise
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
     from megatron.core import parallel_state as ps
 
     out = Path(cfg.output_dir)
@@ -308,9 +310,9 @@ def run(cfg: Config) -> dict:
     gap = first_eval["loss"] - teacher_loss if teacher_loss is not None else 0.0
     result["gap_recovered"] = (first_eval["loss"] - last_eval["loss"]) / gap if gap > 0 else None
     if rt.is_rank0:
-        cli.write_json(out / "distill.json", result)
+        mio.write_json(out / "distill.json", result)
         plot_losses(metrics, out / "loss_curve.png")
-    cli.summary_table("megaslim distill", [
+    report.summary_table("megaslim distill", [
         ("teacher", f"{teacher_label} ({teacher_arch.num_params():,} params)"),
         ("mode", result["mode"] + (f", fp8={cfg.distill.fp8}" if cfg.distill.fp8 else "")),
         ("student", f"{student_arch.num_params():,} params"),

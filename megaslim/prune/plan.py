@@ -52,7 +52,7 @@ class PrunePlan:
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
-        from megaslim.cli import atomic_write_text
+        from megaslim.commands.cli import atomic_write_text
 
         return atomic_write_text(path, self.to_json())
 

@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
-from megaslim import cli
+from megaslim.commands import cli
+from megaslim import io as mio
+from megaslim import report
 
 
 def score_table(scores, cost, out_dir):
@@ -20,14 +22,14 @@ def score_table(scores, cost, out_dir):
     if cost:
         rows += [("seconds", round(cost["seconds"], 1)), ("tokens/s (activation pass)", round(cost["tokens_per_second"]))]
     rows.append(("outputs", out_dir))
-    cli.summary_table("megaslim importance", rows)
+    report.summary_table("megaslim importance", rows)
 
 
 def plan_table(plan, seq_length):
     from megaslim.prune.plan import flops_per_token
 
     a, b = plan.source_arch, plan.target_arch
-    if not cli.is_rank0():
+    if not report.is_rank0():
         return
     from rich.console import Console
     from rich.table import Table
@@ -111,11 +113,11 @@ def _search(cfg, model, arch, shapes, scores, eval_rows, train_prefix, tokenizer
     import torch.distributed as dist
 
     dist.barrier()
-    if cli.is_rank0():
+    if report.is_rank0():
         import shutil
 
         shutil.rmtree(out_dir / "search", ignore_errors=True)  # the candidates' data cache
-        cli.write_json(out_dir / "search.json", {
+        mio.write_json(out_dir / "search.json", {
             "target_params": cfg.prune.target_params, "train_iters": cfg.prune.search.train_iters,
             "ranking": [r.to_dict() for r in ranked]})
     return ranked[0].arch
@@ -127,12 +129,12 @@ def run(cfg) -> dict:
     from megaslim.importance.calibrate import check_importance_spec
     from megaslim.importance.scores import ImportanceScores
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.model.load import resolve_source, source_arch
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.prune.plan import PrunePlan, target_shape
     from megaslim.runtime.distributed import check_layout
     from megaslim.tokenizer import load_tokenizer
 
-    timer = cli.Timer()
+    timer = report.Timer()
     out_dir = Path(cfg.output_dir)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     ttp = cfg.prune.target_tensor_model_parallel_size or tp
@@ -216,7 +218,7 @@ def run(cfg) -> dict:
                                 tokenizer=tokenizer)
     rt = cli.start(cfg)
     from megaslim.eval import evaluate_rows
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, arch, _ = load_model(cfg.model, source)
     cost = {}
@@ -231,7 +233,7 @@ def run(cfg) -> dict:
 
             scores.save(out_dir / "importance.safetensors")
             plot_importance(scores, out_dir)
-            cli.write_json(out_dir / "importance.json", {"model": source.label, **cost, "settings": scores.settings})
+            mio.write_json(out_dir / "importance.json", {"model": source.label, **cost, "settings": scores.settings})
         score_table(scores, cost, out_dir)
     if rt.is_rank0:
         cli.save_run_config(cfg)
@@ -279,9 +281,9 @@ def run(cfg) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
         plan.save(out_dir / "prune_plan.json")
         if chain:
-            cli.write_json(out_dir / "prune_plan_steps.json", [json.loads(p.to_json()) for p in chain])
+            mio.write_json(out_dir / "prune_plan_steps.json", [json.loads(p.to_json()) for p in chain])
         for name, res in (("eval_before.json", before), ("eval.json", after)):
-            cli.write_json(out_dir / name, res)
+            mio.write_json(out_dir / name, res)
     result = {
         "source": source.label, "params_before": arch.num_params(),
         "params_after": plan.target_arch.num_params(), "loss_before": before["loss"],
@@ -290,8 +292,8 @@ def run(cfg) -> dict:
         "fold_heads": bool(plan.fold_heads or any(p.fold_heads for p in chain or [])),
         "iterative": cfg.prune.iterative, "steps": steps, "sparsity": sparsity.summary()}
     if rt.is_rank0:
-        cli.write_json(out_dir / "prune.json", result)
-    cli.summary_table("megaslim prune", [
+        mio.write_json(out_dir / "prune.json", result)
+    report.summary_table("megaslim prune", [
         ("model", source.label),
         ("params", f"{arch.num_params():,} -> {plan.target_arch.num_params():,}"),
         ("held-out loss (ppl)", f"{before['loss']:.4f} ({before['ppl']:.2f}) -> {after['loss']:.4f} ({after['ppl']:.2f})"),

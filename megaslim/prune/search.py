@@ -157,14 +157,14 @@ def rank(cfg, model, arch: ModelArch, shapes: list[ModelArch], scores, eval_rows
     best (lowest held-out loss) first."""
     from tqdm import tqdm
 
-    from megaslim import cli
+    from megaslim import report
     from megaslim.eval import evaluate_rows
     from megaslim.prune.apply import prune_in_memory
     from megaslim.prune.plan import build_plan
 
     p = cfg.prune
     out = []
-    for i, shape in enumerate(tqdm(shapes, desc="search", disable=not cli.is_rank0(), dynamic_ncols=True)):
+    for i, shape in enumerate(tqdm(shapes, desc="search", disable=not report.is_rank0(), dynamic_ncols=True)):
         t0 = time.time()
         plan = build_plan(arch, shape, scores, layer_metric=p.layer_metric, contiguous=p.drop_contiguous,
                           fold_heads=p.fold_heads and p.fold_mode)
@@ -182,9 +182,9 @@ def rank(cfg, model, arch: ModelArch, shapes: list[ModelArch], scores, eval_rows
 
 
 def table(ranked: list[Ranked], budget: float, iters: int) -> None:
-    from megaslim import cli
+    from megaslim import report
 
-    if not cli.is_rank0():
+    if not report.is_rank0():
         return
     from rich.console import Console
     from rich.table import Table

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megaslim.errors import MegaslimError
 from megaslim.runtime.cpu_shims import apply_cpu_shims
+from megaslim.runtime.layout import check_layout, launcher_world_size
 
 
 @dataclass
@@ -40,29 +41,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_layout(world_size: int, tp: int, pp: int) -> int:
-    """Data-parallel size, or a clear error if the world does not factor as tp * pp * dp."""
-    if tp < 1 or pp < 1:
-        raise MegaslimError(f"tensor/pipeline parallel sizes must be >= 1 (got TP={tp}, PP={pp})")
-    if world_size % (tp * pp):
-        raise MegaslimError(
-            f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}; "
-            f"launch with --nproc-per-node a multiple of {tp * pp}"
-        )
-    return world_size // (tp * pp)
-
-
 def init_runtime(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> Runtime:
     """Initialise torch.distributed and megatron's parallel state; works with or without torchrun."""
     from megatron.core import parallel_state, tensor_parallel
 
     os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), launcher_world_size()
     local_rank = int(os.environ["LOCAL_RANK"])
     dp = check_layout(world, tp, pp)
 

@@ -243,10 +243,11 @@ class Sparsity:
         self.masks = compute_masks(model, method=self.method, ratio=self.ratio, pattern=self.pattern, norms=norms)
         apply_masks(model, self.masks)
         self.layers = zero_fractions(model)
-        from megaslim import cli
+        from megaslim import io as mio
+        from megaslim import report
 
-        if cli.is_rank0():
-            cli.write_json(Path(out_dir) / "sparsity.json", self.summary())
+        if report.is_rank0():
+            mio.write_json(Path(out_dir) / "sparsity.json", self.summary())
         print_table(self.layers, self.record)
 
     def summary(self) -> Optional[dict]:
@@ -264,9 +265,10 @@ class Sparsity:
 
 
 def print_table(layers: list[dict], record: dict) -> None:
-    from megaslim import cli
+    from megaslim import io as mio
+    from megaslim import report
 
-    if not cli.is_rank0():
+    if not report.is_rank0():
         return
     from rich.console import Console
     from rich.table import Table

@@ -30,7 +30,7 @@ def main():
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megaslim import checkpoint
-    from megaslim.model.load import load_model
+    from megaslim.sources import load_model
 
     model, arch, source = load_model(ModelConfig(load=src))
     for n, it in enumerate(int(x) for x in iters.split(",")):

@@ -24,7 +24,7 @@ def main():
 
     from megaslim.config import load_config
     from megaslim.distill.train import PROJECTION, Models, Trainer
-    from megaslim.model.load import load_model, resolve_source
+    from megaslim.sources import load_model, resolve_source
     from megaslim.runtime import init_runtime
 
     world = int(__import__("os").environ["WORLD_SIZE"])

@@ -8,7 +8,7 @@ import torch
 
 from megaslim.config import ModelConfig
 from megaslim.model.forward import run_forward
-from megaslim.model.load import load_model
+from megaslim.sources import load_model
 from megaslim.runtime import init_runtime, main_guard
 
 

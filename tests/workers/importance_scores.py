@@ -8,7 +8,7 @@ import torch
 
 from megaslim.config import ImportanceConfig, ModelConfig
 from megaslim.importance.calibrate import compute_importance
-from megaslim.model.load import load_model
+from megaslim.sources import load_model
 from megaslim.runtime import init_runtime, main_guard
 
 

@@ -1,0 +1,1 @@
+"""The commands: each wires the libraries below into validate -> build -> run -> report."""

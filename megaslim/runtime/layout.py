@@ -1,0 +1,116 @@
+"""The parallel layout (TP, PP, DP and the prune targets): the one place that knows how ranks split
+the work. Built from the config and the launcher's world size before any process group exists, so a
+layout error is the first thing a user sees; its collective helpers work once groups are up."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megaslim.errors import MegaslimError
+
+
+def launcher_world_size() -> int:
+    """Processes launched for this job (torchrun's WORLD_SIZE; 1 when run as a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_layout(world_size: int, tp: int, pp: int) -> int:
+    """Data-parallel size, or a clear error if the world does not factor as tp * pp * dp."""
+    if tp < 1 or pp < 1:
+        raise MegaslimError(f"tensor/pipeline parallel sizes must be >= 1 (got TP={tp}, PP={pp})")
+    if world_size % (tp * pp):
+        raise MegaslimError(
+            f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}; "
+            f"launch with --nproc-per-node a multiple of {tp * pp}"
+        )
+    return world_size // (tp * pp)
+
+
+def device() -> torch.device:
+    """Where collectives run: the current CUDA device, or the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    world_size: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    target_tp: Optional[int] = None  # the pruned checkpoint's layout (prune.target_*; None = same)
+    target_pp: Optional[int] = None
+
+    @classmethod
+    def build(cls, tp: int = 1, pp: int = 1, *, world_size: Optional[int] = None,
+              target_tp: Optional[int] = None, target_pp: Optional[int] = None) -> "ParallelLayout":
+        world = launcher_world_size() if world_size is None else world_size
+        return cls(world, tp, pp, check_layout(world, tp, pp), target_tp, target_pp)
+
+    @classmethod
+    def from_config(cls, cfg, *, world_size: Optional[int] = None) -> "ParallelLayout":
+        par = cfg.parallel
+        return cls.build(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                         world_size=world_size, target_tp=cfg.prune.target_tensor_model_parallel_size,
+                         target_pp=cfg.prune.target_pipeline_model_parallel_size)
+
+    def check_global_batch(self, global_batch_size: int, micro_batch_size: int) -> int:
+        """Micro-batches per step per DP rank, or a clear error when the global batch does not split."""
+        if global_batch_size % (micro_batch_size * self.dp):
+            raise MegaslimError(f"train.global_batch_size={global_batch_size} is not a multiple of "
+                                f"train.micro_batch_size * DP = {micro_batch_size} * {self.dp}")
+        return global_batch_size // (micro_batch_size * self.dp)
+
+    # -- ranks (process groups must exist) -------------------------------------------------------
+    @staticmethod
+    def dp_rank() -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0
+
+    @staticmethod
+    def tp_rank() -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+
+    @staticmethod
+    def is_writer() -> bool:
+        """The one rank that writes shared files (JSON, plots, tables): global rank 0."""
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    # -- data ------------------------------------------------------------------------------------
+    def shard_rows(self, rows, dp_rank: Optional[int] = None):
+        """This DP rank's rows of a full [n, ...] set: rows r, r + dp, r + 2 dp, ..."""
+        r = self.dp_rank() if dp_rank is None else dp_rank
+        return rows[r::self.dp]
+
+    # -- collectives -----------------------------------------------------------------------------
+    @staticmethod
+    def all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce a (possibly CPU) tensor on the collective device; returns a CPU tensor."""
+        t = t.to(device())
+        dist.all_reduce(t, op=op, group=group)
+        return t.cpu()
+
+    @staticmethod
+    def tp_gather_parts(t: torch.Tensor) -> list[torch.Tensor]:
+        """Every TP rank's copy of `t`, in TP rank order (CPU tensors)."""
+        from megatron.core import parallel_state as ps
+
+        tp = ps.get_tensor_model_parallel_world_size()
+        if tp == 1:
+            return [t]
+        t = t.to(device()).contiguous()
+        parts = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(parts, t, group=ps.get_tensor_model_parallel_group())
+        return [p.cpu() for p in parts]
+
+    @classmethod
+    def tp_gather(cls, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate each TP rank's contiguous block along `dim` in TP rank order."""
+        parts = cls.tp_gather_parts(t)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
