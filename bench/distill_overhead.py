@@ -39,10 +39,10 @@ def main():
     from megaslim.distill.train import Models, Trainer
     from megaslim.importance.scores import ImportanceScores
     from megaslim.model.forward import make_microbatches, run_forward
-    from megaslim.sources import load_model, resolve_source
     from megaslim.prune.apply import prune_in_memory
     from megaslim.prune.plan import build_plan, target_shape
     from megaslim.runtime import init_runtime
+    from megaslim.sources import load_model, resolve_source
     from megaslim.tokenizer import load_tokenizer
 
     cfg = load_config(None, [f"data.seq_length={args.seq_length}", f"train.micro_batch_size={args.micro_batch}",

@@ -30,8 +30,8 @@ def main():
     from megaslim.data.calibration import calibration_rows
     from megaslim.importance.calibrate import activation_scores
     from megaslim.model.forward import make_microbatches, run_forward
-    from megaslim.sources import load_model, resolve_source
     from megaslim.runtime import init_runtime
+    from megaslim.sources import load_model, resolve_source
     from megaslim.tokenizer import load_tokenizer
 
     init_runtime()

@@ -613,8 +613,8 @@ def _worker_eval(spec: dict) -> dict:
     from megaslim.config import load_config
     from megaslim.data.corpora import data_path
     from megaslim.data.packing import pack_rows, read_documents
-    from megaslim.sources import resolve_source
     from megaslim.runtime import init_runtime
+    from megaslim.sources import resolve_source
     from megaslim.tokenizer import load_tokenizer
 
     cfg = load_config(spec["config"])
@@ -676,8 +676,8 @@ def _worker_init(spec: dict) -> dict:
     from megaslim.checkpoint import save_checkpoint
     from megaslim.config import load_config
     from megaslim.model.build import build_gpt
-    from megaslim.sources import resolve_source, source_arch
     from megaslim.runtime import init_runtime
+    from megaslim.sources import resolve_source, source_arch
 
     cfg = load_config(spec["config"])
     like = resolve_source(spec["like"])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim.commands import cli  # noqa: E402
 from megaslim import io as mio  # noqa: E402
 from megaslim import report  # noqa: E402
+from megaslim.commands import cli  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 

@@ -13,9 +13,9 @@ import copy
 import json
 from pathlib import Path
 
-from megaslim.commands import cli
 from megaslim import io as mio
 from megaslim import report
+from megaslim.commands import cli
 from megaslim.config import Config
 from megaslim.errors import MegaslimError
 
@@ -51,8 +51,8 @@ def _layout(cfg: Config) -> None:
 
 def check(cfg: Config) -> list:
     """Round targets, validated against each other before anything runs."""
-    from megaslim.sources import resolve_source, source_arch
     from megaslim.prune.plan import target_shape
+    from megaslim.sources import resolve_source, source_arch
 
     rounds = list(cfg.compress.rounds) or [cfg.prune.export_config]
     arch = source_arch(resolve_source(cfg.model.load))

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from megaslim.errors import MegaslimError
-from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(MegaslimError, ValueError):

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from dist_utils import torchrun
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dist_utils import torchrun
 from megaslim.config import ExportConfigShape, ImportanceConfig, ModelConfig
 from megaslim.errors import MegaslimError
 from megaslim.model.hf import HFReader, arch_from_hf_config, hf_config_dict, hf_fetcher, read_hf_config
@@ -96,9 +96,9 @@ def test_prune_width_and_depth_exports_an_hf_model_matching_megatron(sources, to
                                                                       megatron_tp1):
     from megaslim.importance.calibrate import compute_importance
     from megaslim.model.hf import export_hf
-    from megaslim.sources import load_model
     from megaslim.prune.apply import prune_in_memory
     from megaslim.prune.plan import build_plan, target_shape
+    from megaslim.sources import load_model
 
     model, arch, _ = load_model(ModelConfig(load=str(sources[family])))
     toks = torch.load(tokens)

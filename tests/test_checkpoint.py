@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import ROOT, WORKERS, free_port, torchrun
+
 from megaslim import checkpoint
 from megaslim.config import ModelConfig
 from megaslim.errors import MegaslimError

@@ -2,9 +2,8 @@
 import json
 import time
 
-from transformers import AutoModelForCausalLM
-
 from dist_utils import ROOT, torchrun
+from transformers import AutoModelForCausalLM
 
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
 

@@ -13,8 +13,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import ROOT, torchrun
+
 from megaslim.config import load_config
 from megaslim.distill.losses import (
     HiddenProjection,

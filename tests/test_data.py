@@ -10,8 +10,8 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-
 from dist_utils import ROOT, torchrun
+
 from megaslim.data import calibration, corpora, indexed, loaders
 from megaslim.data.packing import pack_rows, read_documents
 from megaslim.errors import MegaslimError

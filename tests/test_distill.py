@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from dist_utils import ROOT, free_port, torchrun
+
 from megaslim.model.hf import HFReader
 
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"

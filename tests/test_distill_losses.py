@@ -3,8 +3,9 @@ gradients, padded vocab ignored); intermediate / embedding losses, layer mapping
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import torchrun
+from workers.kd_loss_tp import CASES, PADDED, VOCAB, make_logits, reference_per_token
+
 from megaslim.distill import (
     BALANCE_EPS,
     HiddenProjection,
@@ -20,7 +21,6 @@ from megaslim.distill import (
     vocab_parallel_log_softmax,
 )
 from megaslim.errors import MegaslimError
-from workers.kd_loss_tp import CASES, PADDED, VOCAB, make_logits, reference_per_token
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
 

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from dist_utils import ROOT, torchrun
 
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"

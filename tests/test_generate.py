@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from dist_utils import ROOT, torchrun
 
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
@@ -146,8 +145,8 @@ def test_student_trains_with_lm_loss_on_synthetic_data(tiny_llama_tok, generated
 
 
 def test_bad_input(tiny_llama_tok, tmp_path):
-    from megaslim.config import ConfigError
     from megaslim.commands.cli import parse_args
+    from megaslim.config import ConfigError
     from megaslim.distill.generate import prepare
     from megaslim.errors import MegaslimError
 

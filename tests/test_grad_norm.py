@@ -3,14 +3,14 @@ every layout, and so are the weights a clipped step makes.
 
 megatron counts a parameter in the norm on every TP rank only if it carries `tensor_model_parallel`; 0.16
 sets that attribute only while initialising weights, which megaslim skips (weights are loaded), so
-`build_gpt` sets it from the layout table (`megaslim.compat.mark_tensor_parallel_params`). Without it the
+`build_gpt` sets it from the layout table (`megaslim.model.compat.mark_tensor_parallel_params`). Without it the
 norm at TP=2 counted TP rank 0's shards only (0.035 instead of 0.043 here), and clipping scaled by it.
 """
 import json
 
 import pytest
-
 from dist_utils import ROOT, torchrun
+
 from megaslim.model.hf import HFReader
 
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"

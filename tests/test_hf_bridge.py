@@ -1,9 +1,9 @@
 """HF <-> megatron bridge on a tiny random Llama: logits and weights at TP=1, TP=2, TP2xPP2."""
 import pytest
 import torch
+from dist_utils import torchrun
 from transformers import AutoModelForCausalLM
 
-from dist_utils import torchrun
 from megaslim.model.hf import HFReader
 
 

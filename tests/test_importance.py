@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
-
 from dist_utils import torchrun
+
 from megaslim.errors import MegaslimError
-from megaslim.importance.hooks import (BlockImportanceHook, CalibContext, HeadHook, NeuronHook,
-                                       attach_hooks)
+from megaslim.importance.hooks import BlockImportanceHook, CalibContext, HeadHook, NeuronHook, attach_hooks
 from megaslim.importance.scores import ImportanceScores
 from megaslim.importance.stats import SampleStats, seq_reduce
 

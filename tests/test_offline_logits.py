@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from dist_utils import ROOT, torchrun
 
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from dist_utils import ROOT, torchrun
+
 from megaslim.config import ExportConfigShape, ModelConfig
 from megaslim.errors import MegaslimError
 from megaslim.importance.scores import ImportanceScores

@@ -4,7 +4,6 @@ import sys
 import time
 
 import pytest
-
 from dist_utils import ROOT, torchrun
 
 

@@ -5,8 +5,8 @@ import json
 import math
 
 import pytest
-
 from dist_utils import ROOT, torchrun
+
 from megaslim.config import SearchConfig
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch

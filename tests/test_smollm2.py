@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import ROOT, torchrun
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dist_utils import ROOT, torchrun
 from megaslim.data.packing import pack_rows, read_documents
 
 pytestmark = pytest.mark.slow

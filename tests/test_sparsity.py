@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from dist_utils import ROOT, torchrun
+
 from megaslim.errors import MegaslimError
 from megaslim.sparsity.masks import nm_mask, unstructured_mask
 

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from megaslim.config import GenerateConfig
 from megaslim.errors import MegaslimError
 
-
 GenerateSettings = GenerateConfig  # the `generate` section of megaslim/config.py
 
 
@@ -234,8 +233,8 @@ def prepare(cfg, s: GenerateSettings) -> dict:
     from megaslim.data.corpora import data_path
     from megaslim.data.indexed import cached_indexed
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.sources import resolve_source, source_arch
     from megaslim.runtime.distributed import check_layout
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.tokenizer import load_tokenizer
 
     check_settings(s)
@@ -271,13 +270,13 @@ def prepare(cfg, s: GenerateSettings) -> dict:
 def run_generate(cfg, s: GenerateSettings) -> dict:
     from dataclasses import asdict, replace
 
+    from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from megaslim.commands import cli
     from megaslim import io as mio
     from megaslim import report
+    from megaslim.commands import cli
     from megaslim.sources import load_model
-    from megatron.core import parallel_state as ps
 
     timer = report.Timer()
     p = prepare(cfg, s)

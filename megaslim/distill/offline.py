@@ -433,8 +433,8 @@ def prepare_precompute(cfg, settings: OfflineSettings) -> dict:
     from megaslim.data.indexed import cached_indexed
     from megaslim.data.packing import pack_rows, read_documents
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.sources import resolve_source, source_arch
     from megaslim.runtime.distributed import check_layout
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.tokenizer import load_tokenizer
 
     check_settings(settings)
@@ -472,16 +472,16 @@ def prepare_precompute(cfg, settings: OfflineSettings) -> dict:
 def precompute(cfg, settings: OfflineSettings) -> dict:
     """Run the teacher over exactly the samples `train.train_iters` distillation steps would read
     and write its top-k log-probs (k = distill.top_k) as a store in `output_dir`."""
+    from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from megaslim.commands import cli
     from megaslim import io as mio
     from megaslim import report
+    from megaslim.commands import cli
     from megaslim.data.loaders import gpt_dataset, micro_batches
     from megaslim.eval import evaluate_rows
     from megaslim.model.forward import run_forward
     from megaslim.sources import load_model
-    from megatron.core import parallel_state as ps
 
     timer = report.Timer()
     p = prepare_precompute(cfg, settings)

@@ -5,9 +5,9 @@ import os
 import time
 from pathlib import Path
 
-from megaslim.commands import cli
 from megaslim import io as mio
 from megaslim import report
+from megaslim.commands import cli
 from megaslim.config import Config, ModelConfig
 from megaslim.errors import MegaslimError
 
@@ -26,8 +26,8 @@ def prepare(cfg: Config) -> dict:
     from megaslim.data.packing import pack_rows, read_documents
     from megaslim.distill.train import resolve_pairs
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.sources import resolve_source, source_arch
     from megaslim.runtime.distributed import check_layout
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.tokenizer import load_tokenizer
 
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
@@ -202,10 +202,11 @@ def run(cfg: Config) -> dict:
     timer = report.Timer()
     p = prepare(cfg)
     rt = cli.start(cfg)
-    from megaslim.data.loaders import train_micro_batches
-    from megaslim.distill.train import Models, Trainer, plot_losses, step_batches, write_metrics, _finite_or_raise
-    from megaslim.sources import load_model
     from megatron.core import parallel_state as ps
+
+    from megaslim.data.loaders import train_micro_batches
+    from megaslim.distill.train import Models, Trainer, _finite_or_raise, plot_losses, step_batches, write_metrics
+    from megaslim.sources import load_model
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -136,8 +136,11 @@ class Trainer:
     def __init__(self, cfg: Config, models: Models, *, tokenizer_dir, eval_rows: Optional[torch.Tensor],
                  offline: bool = False, student_checkpoint=None):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -238,7 +241,7 @@ class Trainer:
             raise MegaslimError(
                 f"resume: the checkpoint ran with train.global_batch_size={extra.get('global_batch_size')}, "
                 f"this config has {self.cfg.train.global_batch_size}")
-        from megaslim.compat import prepare_distributed_optimizer_for_load
+        from megaslim.model.compat import prepare_distributed_optimizer_for_load
         from megaslim.sparsity.train import check_resume
 
         sparse = check_resume(meta, self.sparsity, self.ckpt_root)  # a sparse run resumes with its masks only

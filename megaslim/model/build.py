@@ -161,7 +161,7 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = F
         rope_scaling=rope_scaling,
         rope_scaling_factor=(arch.rope_scaling or {}).get("factor", 8.0),
     )
-    from megaslim.compat import mark_tensor_parallel_params
+    from megaslim.model.compat import mark_tensor_parallel_params
 
     mark_tensor_parallel_params(model)  # before DDP/optimizer copy the attributes (grad norm, clipping)
     model.arch = arch  # the unpadded description travels with the module

@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from megaslim.commands import cli
 from megaslim import io as mio
 from megaslim import report
+from megaslim.commands import cli
 
 
 def score_table(scores, cost, out_dir):
@@ -129,9 +129,9 @@ def run(cfg) -> dict:
     from megaslim.importance.calibrate import check_importance_spec
     from megaslim.importance.scores import ImportanceScores
     from megaslim.model.arch import check_parallel_layout
-    from megaslim.sources import resolve_source, source_arch
     from megaslim.prune.plan import PrunePlan, target_shape
     from megaslim.runtime.distributed import check_layout
+    from megaslim.sources import resolve_source, source_arch
     from megaslim.tokenizer import load_tokenizer
 
     timer = report.Timer()

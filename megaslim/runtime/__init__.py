@@ -1,6 +1,5 @@
 """Process-level runtime: distributed init, CPU shims, seeding, rank-0 logging."""
 from megaslim.runtime.cpu_shims import apply_cpu_shims
-from megaslim.runtime.layout import ParallelLayout, launcher_world_size
 from megaslim.runtime.distributed import (
     Runtime,
     destroy,
@@ -8,6 +7,7 @@ from megaslim.runtime.distributed import (
     main_guard,
     rank0_print,
 )
+from megaslim.runtime.layout import ParallelLayout, launcher_world_size
 
 __all__ = ["ParallelLayout", "Runtime", "launcher_world_size", "apply_cpu_shims", "destroy", "init_runtime", "main_guard", "rank0_print"]
 

@@ -265,7 +265,6 @@ class Sparsity:
 
 
 def print_table(layers: list[dict], record: dict) -> None:
-    from megaslim import io as mio
     from megaslim import report
 
     if not report.is_rank0():

@@ -24,8 +24,8 @@ def main():
 
     from megaslim.config import load_config
     from megaslim.distill.train import PROJECTION, Models, Trainer
-    from megaslim.sources import load_model, resolve_source
     from megaslim.runtime import init_runtime
+    from megaslim.sources import load_model, resolve_source
 
     world = int(__import__("os").environ["WORLD_SIZE"])
     cfg = load_config(None, [f"output_dir={Path(out_json).parent / 'run'}", f"model.load={teacher_dir}",

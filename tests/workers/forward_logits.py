@@ -8,8 +8,8 @@ import torch
 
 from megaslim.config import ModelConfig
 from megaslim.model.forward import run_forward
-from megaslim.sources import load_model
 from megaslim.runtime import init_runtime, main_guard
+from megaslim.sources import load_model
 
 
 def main():

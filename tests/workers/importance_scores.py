@@ -8,8 +8,8 @@ import torch
 
 from megaslim.config import ImportanceConfig, ModelConfig
 from megaslim.importance.calibrate import compute_importance
-from megaslim.sources import load_model
 from megaslim.runtime import init_runtime, main_guard
+from megaslim.sources import load_model
 
 
 def main():
