@@ -80,14 +80,14 @@ def main():
                               desc=f"tokenizing {src.name}")
         results.append({"key": what, "input": str(src), **stats})
     out_dir = Path(cfg.output_dir) if args.input is None else Path(args.output_prefix).parent
-    results = mio.write_json(out_dir / "preprocess.json", {
+    results_path = mio.write_json(out_dir / "preprocess.json", {
         "tokenizer": str(cfg.model.tokenizer or source.tokenizer_dir),
         "vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id, "outputs": results})
     rows = [("tokenizer", cfg.model.tokenizer or source.label), ("workers", args.workers)]
     for r in results:
         rows.append((r["key"], f"{r['input']} -> {r['prefix']}.{{bin,idx}}"))
         rows.append(("  documents / tokens", f"{r['documents']:,} / {r['tokens']:,}"))
-    rows += [("seconds", round(timer.seconds, 1)), ("results", results)]
+    rows += [("seconds", round(timer.seconds, 1)), ("results", results_path)]
     report.summary_table("megaslim preprocess_data", rows)
 
 
