@@ -6,45 +6,54 @@ Student: SmolLM2-135M pruned in memory to the default width target (hidden 468, 
 teacher: SmolLM2-135M. Target: KD / (student step + teacher forward) <= 1.05. Writes docs/bench_distill.md.
 """
 import argparse
+import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megaslim.config import ExportConfigShape, load_config  # noqa: E402
+from megaslim.data.calibration import calibration_rows  # noqa: E402
+from megaslim.distill.train import Models, Trainer  # noqa: E402
+from megaslim.importance.scores import ImportanceScores  # noqa: E402
+from megaslim.model.forward import make_microbatches, run_forward  # noqa: E402
+from megaslim.prune.plan import build_plan, target_shape  # noqa: E402
+from megaslim.prune.student import student_from_plan  # noqa: E402
+from megaslim.runtime import init_runtime  # noqa: E402
+from megaslim.sources import load_model, resolve_source  # noqa: E402
+from megaslim.tokenizer import load_tokenizer  # noqa: E402
+
 
 def peak_memory_mb() -> float:
-    import resource
-
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-length", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench_distill.md"))
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
-    import torch
 
-    from megaslim.config import ExportConfigShape, load_config
-    from megaslim.data.calibration import calibration_rows
-    from megaslim.distill.train import Models, Trainer
-    from megaslim.importance.scores import ImportanceScores
-    from megaslim.model.forward import make_microbatches, run_forward
-    from megaslim.prune.apply import prune_in_memory
-    from megaslim.prune.plan import build_plan, target_shape
-    from megaslim.runtime import init_runtime
-    from megaslim.sources import load_model, resolve_source
-    from megaslim.tokenizer import load_tokenizer
+@dataclass
+class Setup:
+    teacher: object
+    trainer: object  # a KD Trainer of the pruned student
+    batch: list  # one step's micro-batches
+    mem0: float  # peak memory with both models loaded, before any step
 
+
+def setup(args) -> Setup:
+    """Teacher SmolLM2-135M, its student pruned in memory from uniform scores, a KD trainer, one batch."""
     cfg = load_config(None, [f"data.seq_length={args.seq_length}", f"train.micro_batch_size={args.micro_batch}",
                              f"train.global_batch_size={args.micro_batch}", "train.train_iters=100",
                              "train.warmup_iters=1", "output_dir=/tmp/megaslim_bench_distill"])
@@ -53,47 +62,51 @@ def main():
     teacher, arch, _ = load_model(cfg.model, source)
     rows = calibration_rows(None, load_tokenizer(cfg.model, source), num_samples=args.micro_batch,
                             seq_length=args.seq_length)
-    batch = make_microbatches(rows, args.micro_batch)
     # a plan from uniform scores: the shape, not the choice, sets the cost
     L = arch.num_layers
     flat = ImportanceScores(heads=torch.ones(L, 9), query_groups=torch.ones(L, 3), neurons=torch.ones(L, 1536),
                             channels=torch.ones(576), layer_bi=torch.ones(L))
     target = target_shape(arch, ExportConfigShape(hidden_size=468, ffn_hidden_size=750), tp=1, hf_export=False)
-    student = prune_in_memory(teacher, build_plan(arch, target, flat), cfg.model)
-
-    def teacher_forward():
-        run_forward(teacher, batch, lambda b, o: {}, seq_length=args.seq_length, micro_batch_size=args.micro_batch)
-
+    student = student_from_plan(teacher, build_plan(arch, target, flat), cfg.model)  # in memory
     mem0 = peak_memory_mb()
     trainer = Trainer(cfg, Models(student, target, teacher, arch), tokenizer_dir=None, eval_rows=None)
+    return Setup(teacher, trainer, make_microbatches(rows, args.micro_batch), mem0)
+
+
+class ZeroTeacher(torch.nn.Module):
+    """Stands in for the teacher: zero logits of the right shape, no forward cost."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.config = teacher.config
+        self.vocab = teacher.embedding.word_embeddings.weight.shape[0]
+
+    def set_input_tensor(self, t):
+        pass
+
+    def forward(self, tokens, position_ids, attention_mask=None):
+        return torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab)
+
+
+def measure(args, s: Setup) -> tuple[dict, float, float]:
+    """(median seconds per measurement, peak MiB of student training alone, peak MiB of the KD job)."""
+    def teacher_forward():
+        run_forward(s.teacher, s.batch, lambda b, o: {}, seq_length=args.seq_length,
+                    micro_batch_size=args.micro_batch)
 
     def kd_step():
-        trainer.train_step(batch)
+        s.trainer.train_step(s.batch)
 
     # student alone: the same trainer and loss code, the teacher replaced by free zero logits
-    class ZeroTeacher(torch.nn.Module):
-        """Stands in for the teacher: zero logits of the right shape, no forward cost."""
-
-        def __init__(self):
-            super().__init__()
-            self.config = teacher.config
-
-        def set_input_tensor(self, t):
-            pass
-
-        def forward(self, tokens, position_ids, attention_mask=None):
-            vocab = teacher.embedding.word_embeddings.weight.shape[0]
-            return torch.zeros(tokens.shape[0], tokens.shape[1], vocab)
-
-    zero_teacher = ZeroTeacher()
+    zero_teacher = ZeroTeacher(s.teacher)
 
     def student_step():
-        saved = trainer.model.teacher
-        trainer.model.teacher = zero_teacher
+        saved = s.trainer.model.teacher
+        s.trainer.model.teacher = zero_teacher
         try:
-            trainer.train_step(batch)
+            s.trainer.train_step(s.batch)
         finally:
-            trainer.model.teacher = saved
+            s.trainer.model.teacher = saved
 
     student_step()
     mem_student = peak_memory_mb()
@@ -106,7 +119,11 @@ def main():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, mem_student - s.mem0, mem_kd - s.mem0
+
+
+def report(args, med: dict, mem_student: float, mem_kd: float) -> str:
+    """The markdown table of docs/bench_distill.md."""
     ratio = med["KD step"] / (med["student train step"] + med["teacher forward"])
     lines = [
         "# Distillation step overhead", "",
@@ -116,14 +133,20 @@ def main():
         "| measurement | value |", "|---|---|",
         *[f"| {k} (s) | {v:.3f} |" for k, v in med.items()],
         f"| KD step / (student step + teacher forward) | {ratio:.3f} |",
-        f"| peak memory: student training alone (MiB) | {mem_student - mem0:.0f} over the loaded models |",
-        f"| peak memory: KD job (MiB) | {mem_kd - mem0:.0f} over the loaded models |", "",
+        f"| peak memory: student training alone (MiB) | {mem_student:.0f} over the loaded models |",
+        f"| peak memory: KD job (MiB) | {mem_kd:.0f} over the loaded models |", "",
         "Target: ratio <= 1.05. The student-alone step runs the same loop with the teacher replaced by a "
         "stand-in that returns zero logits at no cost, so loss code and optimizer are identical. CPU peak "
         "memory is the process's max RSS (it only grows), so the KD figure includes the student run.", "",
         f"Command: `python bench/distill_overhead.py --seq-length {args.seq_length} --micro-batch "
         f"{args.micro_batch} --repeats {args.repeats}`", ""]
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    med, mem_student, mem_kd = measure(args, setup(args))
+    text = report(args, med, mem_student, mem_kd)
     print(text)
     Path(args.out).write_text(text)
 

@@ -8,32 +8,35 @@ passes by definition and excluded).
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+
+from megaslim.config import ImportanceConfig, ModelConfig
+from megaslim.data.calibration import calibration_rows
+from megaslim.importance.calibrate import activation_scores
+from megaslim.io import atomic_write_text
+from megaslim.model.forward import make_microbatches, run_forward
+from megaslim.runtime import init_runtime
+from megaslim.sources import load_model, resolve_source
+from megaslim.tokenizer import load_tokenizer
+
+PASSES = ("plain forward", "forward + importance hooks")
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-length", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench_importance.md"))
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
-    import torch
 
-    from megaslim.config import ImportanceConfig, ModelConfig
-    from megaslim.data.calibration import calibration_rows
-    from megaslim.importance.calibrate import activation_scores
-    from megaslim.model.forward import make_microbatches, run_forward
-    from megaslim.runtime import init_runtime
-    from megaslim.sources import load_model, resolve_source
-    from megaslim.tokenizer import load_tokenizer
-
+def measure(args) -> dict[str, list[float]]:
+    """Seconds of each pass over the same rows on SmolLM2-135M, `repeats` times, alternating."""
     init_runtime()
     cfg = ModelConfig()
     source = resolve_source(None)
@@ -50,13 +53,18 @@ def main():
         activation_scores(model, arch, rows, imp, micro_batch_size=args.micro_batch)
 
     plain()  # warm-up
-    times = {"plain forward": [], "forward + importance hooks": []}
+    times: dict[str, list[float]] = {name: [] for name in PASSES}
     for _ in range(args.repeats):
-        for name, fn in (("plain forward", plain), ("forward + importance hooks", hooked)):
+        for name, fn in zip(PASSES, (plain, hooked)):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["plain forward"])
+    return times
+
+
+def render(args, times: dict[str, list[float]]) -> str:
+    """docs/bench_importance.md: median seconds, tokens/s and the ratio to the plain forward."""
+    base = statistics.median(times[PASSES[0]])
     tokens = args.samples * args.seq_length
     lines = [
         "# Importance hooks overhead",
@@ -74,11 +82,14 @@ def main():
         lines.append(f"| {name} | {med:.2f} | {tokens / med:.0f} | {med / base:.3f} |")
     lines += ["", "Target: ratio <= 1.10. Command: `python bench/importance_overhead.py "
               f"--samples {args.samples} --seq-length {args.seq_length} --repeats {args.repeats}`", ""]
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    text = render(args, measure(args))
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

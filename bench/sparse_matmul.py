@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from megaslim.io import atomic_write_text
+from megaslim.sparsity.masks import nm_mask
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHAPES = {  # name: (out_features, in_features) of W
     "SmolLM2 linear_fc1 (gate+up)": (2 * 1536, 576),
@@ -27,8 +29,7 @@ SHAPES = {  # name: (out_features, in_features) of W
 
 
 def two_four(weight: torch.Tensor) -> torch.Tensor:
-    from megaslim.sparsity.masks import nm_mask
-
+    """`weight` with the smallest 2 of every 4 inputs zeroed, as prune.sparsity.pattern=2:4 does."""
     return weight * nm_mask(weight.abs().float(), 2, 4).to(weight.dtype)
 
 
@@ -45,35 +46,39 @@ def time_ms(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def main() -> int:
+def row(name: str, out_f: int, in_f: int, tokens: int, dtype: torch.dtype, iters: int) -> str:
+    """One table row: dense and 2:4 `x @ W.T` times for a random [out_f, in_f] weight, and their output gap."""
+    from torch.sparse import to_sparse_semi_structured  # CUDA-only path: after the device check
+
+    w = two_four(torch.randn(out_f, in_f, device="cuda", dtype=dtype))
+    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
+    ws = to_sparse_semi_structured(w)
+    dense = time_ms(lambda: torch.nn.functional.linear(x, w), iters)
+    sparse = time_ms(lambda: torch.nn.functional.linear(x, ws), iters)
+    diff = (torch.nn.functional.linear(x, w) - torch.nn.functional.linear(x, ws)).abs().max().item()
+    return f"| {name} ({out_f} x {in_f}) | {dense:.3f} | {sparse:.3f} | {dense / sparse:.2f}x | {diff:.2e} |"
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_sparse.md"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         print("bench/sparse_matmul.py needs a CUDA GPU with compute capability >= 8.0 (2:4 semi-structured "
               "kernels); nothing measured.")
         return 0
-    from torch.sparse import to_sparse_semi_structured
-
     dtype = getattr(torch, args.dtype)
     lines = [f"# 2:4 semi-structured vs dense linear ({torch.cuda.get_device_name()}, {args.dtype}, "
              f"{args.tokens} tokens)", "", "| weight (out x in) | dense ms | 2:4 ms | speedup | max abs diff |",
              "|---|---|---|---|---|"]
-    for name, (out_f, in_f) in SHAPES.items():
-        w = two_four(torch.randn(out_f, in_f, device="cuda", dtype=dtype))
-        x = torch.randn(args.tokens, in_f, device="cuda", dtype=dtype)
-        ws = to_sparse_semi_structured(w)
-        dense = time_ms(lambda: torch.nn.functional.linear(x, w), args.iters)
-        sparse = time_ms(lambda: torch.nn.functional.linear(x, ws), args.iters)
-        diff = (torch.nn.functional.linear(x, w) - torch.nn.functional.linear(x, ws)).abs().max().item()
-        lines.append(f"| {name} ({out_f} x {in_f}) | {dense:.3f} | {sparse:.3f} | {dense / sparse:.2f}x | {diff:.2e} |")
-    text = "\n".join(lines + ["", f"Command: `python bench/sparse_matmul.py --tokens {args.tokens} --dtype {args.dtype}`",
-                              ""])
+    lines += [row(name, out_f, in_f, args.tokens, dtype, args.iters) for name, (out_f, in_f) in SHAPES.items()]
+    lines += ["", f"Command: `python bench/sparse_matmul.py --tokens {args.tokens} --dtype {args.dtype}`", ""]
+    text = "\n".join(lines)
     print(text)
-    Path(args.out).write_text(text)
+    atomic_write_text(args.out, text)
     return 0
 
 

@@ -11,14 +11,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim.commands import cli  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 
 def main():
-    from megaslim.distill.run import run
+    from megaslim.commands.distill import main as distill  # after sys.path is set
 
-    run(cli.parse_args(__doc__))
+    distill()
 
 
 if __name__ == "__main__":

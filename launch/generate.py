@@ -15,18 +15,10 @@ the student on it with plain LM loss:
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from megaslim.commands import cli  # noqa: E402
+from megaslim.commands import generate  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
-
-def main():
-    from megaslim.distill.generate import run_generate
-
-    cfg = cli.parse_args(__doc__)
-    run_generate(cfg, cfg.generate)
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(generate.main)

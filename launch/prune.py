@@ -14,15 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim.commands import cli  # noqa: E402
+from megaslim.commands import prune  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
-
-def main():
-    from megaslim.prune.run import run
-
-    run(cli.parse_args(__doc__))
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(prune.main)

@@ -13,18 +13,10 @@ jobs). Any TP/PP/DP may compute them and any TP/PP/DP may distill from them. The
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from megaslim.commands import cli  # noqa: E402
+from megaslim.commands import teacher_logits  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
-
-def main():
-    from megaslim.distill.offline import precompute
-
-    cfg = cli.parse_args(__doc__)
-    precompute(cfg, cfg.offline)
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(teacher_logits.main)

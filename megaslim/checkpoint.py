@@ -12,7 +12,6 @@ import dataclasses
 import enum
 import io
 import json
-import os
 import pickle
 import re
 import shutil
@@ -23,7 +22,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
+from megaslim import io as mio
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch
 
@@ -197,32 +198,13 @@ def check_arch(meta: dict, arch: ModelArch) -> None:
 
 
 @contextmanager
-def _quiet_megatron_internals():
+def quiet_megatron_internals():
     """megatron's torch_dist strategy calls torch APIs that torch marks deprecated; users cannot act
     on those warnings, so keep them out of every rank's output."""
     with warnings.catch_warnings():
         for message in (r"`(load|save)_state_dict` is deprecated", r"Please use DTensor instead"):
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
         yield
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    """tmp + fsync + os.replace: the file is either the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _clean_stale(root: Path) -> None:
@@ -255,7 +237,6 @@ def save_checkpoint(model, arch: ModelArch, root: str | Path, iteration: int, *,
     dicts saved beside "model" (e.g. {"optimizer": ...}); loading them is the caller's business.
     A process killed at any point leaves the previous checkpoint and `latest` untouched.
     megatron's writer starts a `spawn` helper process, so the calling script needs a __main__ guard."""
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     clash = set(sharded_extra or {}) & {"model"}
@@ -272,42 +253,42 @@ def save_checkpoint(model, arch: ModelArch, root: str | Path, iteration: int, *,
     dist.barrier()
 
     state = {"model": model.sharded_state_dict(), **(sharded_extra or {})}
-    with _quiet_megatron_internals():
+    with quiet_megatron_internals():
         dist_checkpointing.save(state, str(partial))  # ends with a barrier: every piece is on disk
 
     if rank0:
-        from megatron.core import parallel_state as ps
-
         has_tok = tokenizer_dir is not None and _copy_tokenizer(Path(tokenizer_dir), partial / TOKENIZER)
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "iteration": iteration,
-            "arch": arch.to_dict(),
-            "tokenizer_dir": TOKENIZER if has_tok else None,
-            "tokenizer_source": str(tokenizer_dir) if tokenizer_dir is not None else None,
-            "saved_with": {
-                "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-                "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
-                "world_size": dist.get_world_size(),
-                "megatron_core": _megatron_version(),
-            },
-            "sharded_extra": sorted(sharded_extra or {}),
-            "extra": extra or {},
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _write_durable(partial / META, json.dumps(meta, indent=2, default=str) + "\n")
-        if final.exists():  # re-saving an iteration: swap, so a crash leaves one complete copy
-            old = final.with_name(final.name + ".old")
-            final.rename(old)
-            partial.rename(final)
-            shutil.rmtree(old)
-        else:
-            partial.rename(final)
-        _fsync_dir(root)
-        _write_durable(root / LATEST, f"{iteration}\n")  # only now does the new checkpoint count
+        meta = _metadata(arch, iteration, tokenizer_dir, has_tok=has_tok, extra=extra,
+                         sharded_extra=sharded_extra)
+        mio.atomic_write(partial / META, json.dumps(meta, indent=2, default=str) + "\n", durable=True)
+        mio.swap_dir(partial, final)  # re-saving an iteration: a crash leaves one complete copy
+        mio.atomic_write(root / LATEST, f"{iteration}\n", durable=True)  # only now does it count
     dist.barrier()
     return final
+
+
+def _metadata(arch: ModelArch, iteration: int, tokenizer_dir, *, has_tok: bool, extra: Optional[dict],
+              sharded_extra: Optional[dict]) -> dict:
+    """megaslim.json of a checkpoint being saved (rank 0, process groups up)."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "iteration": iteration,
+        "arch": arch.to_dict(),
+        "tokenizer_dir": TOKENIZER if has_tok else None,
+        "tokenizer_source": str(tokenizer_dir) if tokenizer_dir is not None else None,
+        "saved_with": {
+            "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+            "world_size": dist.get_world_size(),
+            "megatron_core": _megatron_version(),
+        },
+        "sharded_extra": sorted(sharded_extra or {}),
+        "extra": extra or {},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _megatron_version() -> str:
@@ -338,7 +319,7 @@ def load_into(model, path: str | Path, *, iteration: Optional[int] = None,
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        with _quiet_megatron_internals():
+        with quiet_megatron_internals():
             loaded = dist_checkpointing.load(
                 {"model": request, **(sharded_extra or {})}, meta["path"],
                 strict=StrictHandling.RAISE_UNEXPECTED)

@@ -5,10 +5,10 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 
 from megaslim.model.forward import make_microbatches, run_forward
 from megaslim.model.logits import vocab_parallel_ce
+from megaslim.runtime.layout import ParallelLayout
 
 
 def evaluate_rows(model, rows: torch.Tensor, *, vocab_size: int, micro_batch_size: int) -> dict:
@@ -17,8 +17,7 @@ def evaluate_rows(model, rows: torch.Tensor, *, vocab_size: int, micro_batch_siz
     from megatron.core import parallel_state as ps
 
     t0 = time.time()
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = rows[dp_rank::dp]
+    mine = ParallelLayout.from_groups().shard_rows(rows)
     seq_length = rows.shape[1] - 1
 
     def on_output(batch, logits):  # logits [b, s, V/TP]
@@ -33,9 +32,7 @@ def evaluate_rows(model, rows: torch.Tensor, *, vocab_size: int, micro_batch_siz
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         for o in outs:
             total += torch.stack([o["sum"].cpu(), o["count"].cpu()])
-    dev = next(model.parameters()).device
-    total = total.to(dev)
-    dist.all_reduce(total)
+    total = ParallelLayout.all_reduce(total)
     loss = (total[0] / total[1]).item()
     return {
         "loss": loss,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megaslim import io as mio
+
 
 def pyplot():
     import matplotlib
@@ -17,10 +19,10 @@ def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
     """tight_layout, write to a temporary file, rename into place, close the figure."""
     plt = pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with mio.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")  # the temporary name has no .png suffix
+    finally:
+        plt.close(fig)
     return path

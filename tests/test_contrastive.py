@@ -310,9 +310,9 @@ def test_tp2_pp2_equal_tp1_and_projection_grads_identical_on_tp_ranks(tiny_llama
 
 
 def test_offline_logits_still_refuse_pairs(tiny_llama_tok, plan_dir, tmp_path):
-    from megaslim.distill.run import _check_offline_config
+    from megaslim.commands.distill import check_offline_config
 
     cfg = load_config(None, ["distill.kl=topk", f"distill.student.load={plan_dir}/checkpoint", PAIRS,
                              "distill.intermediate_loss=contrastive"])
     with pytest.raises(MegaslimError, match="unset distill.intermediate_layer_pairs"):
-        _check_offline_config(cfg, tmp_path)
+        check_offline_config(cfg, tmp_path)

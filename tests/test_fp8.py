@@ -87,7 +87,7 @@ def test_settings_from_config():
     assert settings_from_config(load_config(None, [])) is None
     hybrid = settings_from_config(load_config(None, ["distill.fp8=hybrid"]))
     assert hybrid == Fp8Settings("hybrid", "delayed", 1024, "max", 0)
-    cfg = SimpleNamespace(distill=SimpleNamespace(fp8="e4m3", fp8_recipe="current", fp8_amax_history_len=16))
+    cfg = load_config(None, ["distill.fp8=e4m3", "distill.fp8_recipe=current", "distill.fp8_amax_history_len=16"])
     assert settings_from_config(cfg) == Fp8Settings("e4m3", "tensorwise", 16, "max", 0)
 
 
@@ -160,7 +160,7 @@ def test_distill_model_fp8_region_and_weight_caches():
     ddp.config, ddp.module = student.config, student
     model = DistillModel(ddp, teacher, fp8=_Region(log))
     x = torch.randn(2, 4)
-    for step in range(2):
+    for _step in range(2):
         model.set_is_first_microbatch()  # what megatron's schedules call at each step's first micro-batch
         for _ in range(2):
             s_out, t_out = model(x, None)

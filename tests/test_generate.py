@@ -146,23 +146,20 @@ def test_student_trains_with_lm_loss_on_synthetic_data(tiny_llama_tok, generated
 
 def test_bad_input(tiny_llama_tok, tmp_path):
     from megaslim.commands.cli import parse_args
+    from megaslim.commands.generate import validate
     from megaslim.config import ConfigError
-    from megaslim.distill.generate import prepare
     from megaslim.errors import MegaslimError
 
     base = [f"model.load={tiny_llama_tok}", f"output_dir={tmp_path}", f"data.train_path={TEXT}"]
     cfg = parse_args("", [*base, "generate.prompt_length=100000"])
-    s = cfg.generate
     with pytest.raises(MegaslimError, match="empty prompt set"):
-        prepare(cfg, s)
+        validate(cfg)
     cfg = parse_args("", [*base, "parallel.pipeline_model_parallel_size=2"])
-    s = cfg.generate
     with pytest.raises(MegaslimError, match="pipeline_model_parallel_size=1"):
-        prepare(cfg, s)
+        validate(cfg)
     cfg = parse_args("", [*base, "generate.max_new_tokens=1000"])
-    s = cfg.generate
     with pytest.raises(MegaslimError, match="max_position_embeddings"):
-        prepare(cfg, s)
+        validate(cfg)
     with pytest.raises(ConfigError, match="generate.nope"):
         parse_args("", [*base, "generate.nope=1"])
     with pytest.raises(ConfigError, match="generate.top_p"):

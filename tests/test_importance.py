@@ -77,7 +77,7 @@ def test_block_importance_is_one_minus_cosine(sign, expected):
     layer = Layer()
     hook = BlockImportanceHook(layer, CalibContext(), 0)
     layer(hidden_states=torch.randn(3, 2, 4))
-    total, count = hook.state_dict()["packed"]
+    total, count = hook.packed()
     assert count.item() == 6 and (total / count).item() == pytest.approx(expected)
 
 
@@ -136,7 +136,7 @@ def test_scores_identical_at_any_layout_dp_split_and_micro_batch(tiny_llama, tmp
     assert base.heads.shape == (4, 8) and base.neurons.shape == (4, 128) and base.layer_loss.shape == (4,)
     assert torch.allclose(base.query_groups, base.heads.reshape(4, 4, 2).sum(-1))
     assert base.layer_bi.min() > 0 and base.heads.min() > 0
-    for key, s in results.items():
+    for s in results.values():
         _close(s, base, 1e-5)
 
 
@@ -148,7 +148,8 @@ def _hf_reference_scores(hf, rows):
     """seq_agg=mean, batch_agg=l2, neuron_signal=fc2_input, computed with plain hooks on HF modules."""
     cfg = hf.config
     L, H, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
-    sq = {"heads": torch.zeros(L, H, dtype=torch.float64), "neurons": torch.zeros(L, cfg.intermediate_size, dtype=torch.float64)}
+    sq = {"heads": torch.zeros(L, H, dtype=torch.float64),
+          "neurons": torch.zeros(L, cfg.intermediate_size, dtype=torch.float64)}
     channel_sq = {}
     bi_sum = torch.zeros(L, dtype=torch.float64)
     handles = []
@@ -166,7 +167,8 @@ def _hf_reference_scores(hf, rows):
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(
             lambda m, a, i=i: add("neurons", i, a[0].abs().mean(1))))
         handles.append(layer.input_layernorm.register_forward_hook(lambda m, a, o, i=i: add_norm(f"in{i}", o)))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(lambda m, a, o, i=i: add_norm(f"post{i}", o)))
+        handles.append(layer.post_attention_layernorm.register_forward_hook(
+            lambda m, a, o, i=i: add_norm(f"post{i}", o)))
 
         def bi_hook(m, args, kwargs, out, i=i):
             hin = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

@@ -85,10 +85,10 @@ def test_offline_run_equals_online_run(models, store, tmp_path):
 
 
 def _prepare(*overrides):
+    from megaslim.commands.distill import validate
     from megaslim.config import load_config
-    from megaslim.distill.run import prepare
 
-    return prepare(load_config(None, [*COMMON, *overrides]))
+    return validate(load_config(None, [*COMMON, *overrides]))
 
 
 @pytest.mark.parametrize("extra, needle", [

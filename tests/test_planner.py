@@ -1,19 +1,20 @@
-"""The dry-run planner (megaslim/planner.py, `launch/compress.py --dry-run`) and the paper recipes in
+"""The dry-run planner (megaslim/commands/plan.py, `launch/compress.py --dry-run`) and the paper recipes in
 configs/recipes/: every recipe validates and plans, exact parameter counts, refusals with reasons."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megaslim import planner
+from megaslim.commands import plan as planner
+from megaslim.commands import planning
+from megaslim.commands.plan import PlanError, PlannerOptions
 from megaslim.config import load_config
 from megaslim.errors import MegaslimError
-from megaslim.planner import PlanError, PlannerOptions
+from megaslim.model.hf import arch_from_hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
@@ -83,31 +84,22 @@ def test_exact_parameter_counts():
     assert w.stage("teacher").params == d.stage("teacher").params == 8_030_261_248
     assert w.stage("round 1 distill").params == 4_512_746_496
     assert d.stage("round 1 distill").params == 4_540_469_248
-    # the planner's counts are ModelArch.num_params for the families megaslim loads
-    shape = planner.shape_from_hf_config(json.loads((HF / "Llama-3.1-8B.json").read_text()))
-    assert shape.loadable and planner.num_params(shape) == shape.arch.num_params() == 8_030_261_248
+    # the planner's counts are ModelArch.num_params of megaslim's own HF reading
+    assert arch_from_hf_config(json.loads((HF / "Llama-3.1-8B.json").read_text())).num_params() == 8_030_261_248
     assert _plan(NEMOTRON).stage("round 1 distill").params == 8_271_699_968  # Minitron-8B (paper: 8.3B)
     assert _plan(NEMOTRON).stage("round 2 distill").params == 4_190_509_056  # Minitron-4B (paper: 4.2B)
 
 
-def test_flops_match_prune_plan():
-    from megaslim.prune.plan import flops_per_token
-
-    for name in ("Llama-3.1-8B", "Qwen3-8B", "Mistral-NeMo-12B"):
-        shape = planner.shape_from_hf_config(json.loads((HF / f"{name}.json").read_text()))
-        assert planner.flops_per_token(shape, 4096) == flops_per_token(shape.arch, 4096)
-
-
 def test_activation_formula_by_hand():
     # Llama width student at TP 2, s 8192, b 1: s*b*(4h + (2q + 2kv + 3f)/TP) elements per layer
-    student = planner.shape_from_hf_config(json.loads((HF / "Llama-3.1-8B.json").read_text()))
+    student = arch_from_hf_config(json.loads((HF / "Llama-3.1-8B.json").read_text()))
     from dataclasses import replace
 
-    student = student.pruned(replace(student.arch, hidden_size=3072, ffn_hidden_size=9216))
-    n = planner.layer_activation_elems(student, s=8192, b=1, tp=2, flash=True)
+    student = replace(student, hidden_size=3072, ffn_hidden_size=9216)
+    n = planning.layer_activation_elems(student, s=8192, b=1, tp=2, flash=True)
     assert n == 8192 * (4 * 3072 + (2 * 4096 + 2 * 1024 + 3 * 9216) // 2)
     # without flash attention the a*s^2*b/TP softmax scores are stored too
-    assert planner.layer_activation_elems(student, s=8192, b=1, tp=2, flash=False) == n + 32 * 8192 ** 2 // 2
+    assert planning.layer_activation_elems(student, s=8192, b=1, tp=2, flash=False) == n + 32 * 8192 ** 2 // 2
     # memory per GPU: bf16 weights, fp32 grads, 12 B/param of Adam state over DP
     p = _plan(WIDTH)
     parts = p.stage("round 1 distill").numbers
@@ -136,49 +128,13 @@ def test_refuses_layouts_that_do_not_divide(overrides, opts, message):
         _plan(DEPTH, *overrides, **opts)
 
 
-def test_nemotron_dry_run_only_matches_the_loader(tmp_path):
-    """Dry-run only exactly when megaslim's HF reader refuses model_type nemotron; then a real run stops
-    at its first check with that reason."""
-    from megaslim.model.hf import arch_from_hf_config
-
-    hf = json.loads((HF / "Nemotron-4-15B.json").read_text())
-    try:
-        arch_from_hf_config(hf)
-        loads = True
-    except MegaslimError as err:
-        loads = False
-        assert "nemotron" in str(err)
+def test_nemotron_plans_as_the_loader_reads_it():
+    """The Nemotron recipe plans from megaslim's own HF reader: ungated squared-ReLU MLP, LayerNorm1P."""
+    arch = arch_from_hf_config(json.loads((HF / "Nemotron-4-15B.json").read_text()))
+    assert not arch.gated and arch.normalization == "LayerNorm1P"
     p = _plan(NEMOTRON)
-    assert p.fits and (p.dry_run_only is None) == loads
+    assert p.fits and planner.to_json(p)["dry_run_only"] is None
     assert p.stage("teacher").params == 15_628_775_424  # Nemotron-4 15B (paper: 15.6B)
-    if not loads:
-        assert any(n.startswith("DRY-RUN ONLY") for n in p.notes)
-        from megaslim import compress
-
-        model = tmp_path / "Nemotron-4-15B"
-        model.mkdir()
-        shutil.copy(HF / "Nemotron-4-15B.json", model / "config.json")
-        with pytest.raises(MegaslimError, match="unsupported architecture model_type='nemotron'"):
-            compress.check(load_config(NEMOTRON, [f"model.load={model}"]))
-
-
-def test_nemotron_fallback_when_the_loader_refuses(monkeypatch):
-    """With a megaslim build whose HF reader refuses model_type nemotron, the planner still counts it
-    (ungated squared-ReLU MLP, LayerNorm with bias) and marks the recipe dry-run only."""
-    from megaslim.model import hf
-
-    real = hf.arch_from_hf_config
-
-    def refuse_nemotron(cfg):
-        if cfg.get("model_type") == "nemotron":
-            raise MegaslimError("unsupported architecture model_type='nemotron'; supported: llama, mistral")
-        return real(cfg)
-
-    monkeypatch.setattr(hf, "arch_from_hf_config", refuse_nemotron)
-    p = _plan(NEMOTRON)
-    assert p.dry_run_only and "model_type='nemotron'" in p.dry_run_only and p.fits
-    assert any(n.startswith("DRY-RUN ONLY") for n in p.notes)
-    assert [s.params for s in p.stages if s.kind != "prune"] == [15_628_775_424, 8_271_699_968, 4_190_509_056]
 
 
 def test_shape_sources(tmp_path):
@@ -198,7 +154,7 @@ def test_shape_sources(tmp_path):
 
     from megaslim.checkpoint import FORMAT, META
 
-    arch = replace(planner.shape_from_hf_config(hf).arch, hidden_size=3072, ffn_hidden_size=9216)
+    arch = replace(arch_from_hf_config(hf), hidden_size=3072, ffn_hidden_size=9216)
     ckpt = tmp_path / "ckpt" / "iter_0000010"
     ckpt.mkdir(parents=True)
     (ckpt / META).write_text(json.dumps({"format": FORMAT, "version": 1, "arch": arch.to_dict()}))
@@ -210,6 +166,22 @@ def test_shape_sources(tmp_path):
     # the embedded default (model.load unset) plans from its shipped config
     smol = ROOT / "configs" / "smollm2.yaml"
     assert _plan(smol).stage("teacher").params == 134_515_008
+
+
+def test_shapes_need_no_checkout(tmp_path, monkeypatch):
+    """No lookup goes through the package's location: the embedded default's config ships as package data,
+    a recipe finds hf_configs/ beside itself, and other names are looked up under the working directory."""
+    monkeypatch.chdir(tmp_path)
+    p = planner.plan(load_config(None), PlannerOptions(gpus_per_node=1))
+    assert "model.load unset" in p.source and p.stage("teacher").params == 134_515_008
+    assert _plan(WIDTH).stage("teacher").params == 8_030_261_248
+    smol = ROOT / "configs" / "smollm2.yaml"
+    with pytest.raises(PlanError, match="pass --hf-config"):
+        _plan(smol, "model.load=/nowhere/Llama-3.1-8B")
+    monkeypatch.chdir(ROOT)  # a checkout: configs/recipes/hf_configs/ under the working directory
+    assert _plan(smol, "model.load=/nowhere/Llama-3.1-8B", "prune.export_config.hidden_size=3072",
+                 "prune.export_config.ffn_hidden_size=9216", "train.global_batch_size=512").stage(
+        "teacher").params == 8_030_261_248
 
 
 def _compress(*args: str) -> subprocess.CompletedProcess:
@@ -244,7 +216,7 @@ def test_planner_flags_need_dry_run(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["compress.py", "--config", str(WIDTH), "--nodes", "2"])
     with pytest.raises(MegaslimError, match="only work with --dry-run"):
         mod.main()
-    args, rest = mod._planner_parser().parse_known_args(["--config", "c.yaml", "a.b=1", "--dry-run", "x.y=2"])
+    args, rest = planner.parser().parse_known_args(["--config", "c.yaml", "a.b=1", "--dry-run", "x.y=2"])
     assert args.dry_run and args.config == "c.yaml" and rest == ["a.b=1", "x.y=2"]
 
 
@@ -253,7 +225,7 @@ def test_parameter_budget_plans_the_largest_candidate():
     p = _plan(WIDTH, *unset, "prune.target_params=4.5e9")
     from megaslim.prune.search import candidates
 
-    src = planner.source_shape(load_config(WIDTH, unset), config_path=WIDTH)[0].arch
+    src = planning.source_shape(load_config(WIDTH, unset), config_path=WIDTH)[0]
     best = candidates(src, 4.5e9, load_config(WIDTH).prune.search, tps=(2,))[0]
     plan_json = json.dumps(planner.to_json(p))
     assert best.num_params() <= 4.5e9 and f"{best.num_params():,}" in _render_text(p)

@@ -6,10 +6,19 @@ import pytest
 import torch
 from dist_utils import ROOT, torchrun
 
-from megaslim.config import ExportConfigShape, ModelConfig
+from megaslim.config import ExportConfigShape, ImportanceConfig, ModelConfig, load_config
+from megaslim.data.packing import pack_rows, read_documents
 from megaslim.errors import MegaslimError
+from megaslim.importance.calibrate import compute_importance
 from megaslim.importance.scores import ImportanceScores
-from megaslim.prune.plan import PrunePlan, build_plan, target_shape
+from megaslim.model.arch import ModelArch, check_parallel_layout
+from megaslim.model.hf import HFReader
+from megaslim.model.state import gather_full_state
+from megaslim.prune.apply import prune_in_memory
+from megaslim.prune.iterative import compose_plans, iterative_plans, step_shapes
+from megaslim.prune.plan import PrunePlan, build_plan, fold_assignment, target_shape
+from megaslim.prune.slicing import prune_state
+from megaslim.sources import load_model
 
 
 def _logits(model, tokens):
@@ -20,8 +29,6 @@ def _logits(model, tokens):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama, megatron_tp1):
-    from megaslim.sources import load_model
-
     model, arch, _ = load_model(ModelConfig(load=str(tiny_llama)))
     torch.manual_seed(0)
     return model, arch, torch.randint(0, 250, (2, 12))
@@ -38,8 +45,6 @@ def _keep_all_plan(arch, **changes):
 
 
 def test_keep_all_random_permutation_reproduces_logits(tiny):
-    from megaslim.prune.apply import prune_in_memory
-
     model, arch, tokens = tiny
     g = torch.Generator().manual_seed(1)
     perm = lambda n: torch.randperm(n, generator=g).tolist()  # noqa: E731
@@ -51,12 +56,11 @@ def test_keep_all_random_permutation_reproduces_logits(tiny):
     permuted = prune_in_memory(model, plan, ModelConfig())
     assert (_logits(permuted, tokens) - _logits(model, tokens)).abs().max().item() < 1e-5
     # and the permutation really moved weights
-    assert not torch.equal(permuted.decoder.layers[0].mlp.linear_fc2.weight, model.decoder.layers[0].mlp.linear_fc2.weight)
+    assert not torch.equal(permuted.decoder.layers[0].mlp.linear_fc2.weight,
+                           model.decoder.layers[0].mlp.linear_fc2.weight)
 
 
 def test_dropping_heads_and_neurons_equals_zeroing_their_inputs(tiny):
-    from megaslim.prune.apply import prune_in_memory
-
     model, arch, tokens = tiny
     L, n, hd = arch.num_layers, arch.heads_per_group, arch.kv_channels
     drop_heads = {i: [g * n + (i + g) % n for g in range(arch.num_query_groups)] for i in range(L)}
@@ -80,8 +84,6 @@ def test_dropping_heads_and_neurons_equals_zeroing_their_inputs(tiny):
 
 
 def test_dropping_a_layer_equals_skipping_it(tiny):
-    from megaslim.prune.apply import prune_in_memory
-
     model, arch, tokens = tiny
     plan = build_plan(arch, arch, None, drop_layers=[2])
     pruned = prune_in_memory(model, plan, ModelConfig())
@@ -169,8 +171,6 @@ def _prune(tmp_path, model_dir, name, tp, pp, ttp, tpp, *extra):
 def test_pruned_weights_identical_at_any_layout_and_export_matches(tiny_llama_tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from megaslim.model.hf import HFReader
-
     text = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
     data = [f"data.eval_path={text}", f"data.calib_path={text}", "importance.num_samples=8"]
     base = _prune(tmp_path, tiny_llama_tok, "base", 1, 1, 1, 1, *data)
@@ -190,8 +190,6 @@ def test_pruned_weights_identical_at_any_layout_and_export_matches(tiny_llama_to
 
     # the HF export of the pruned model reproduces the pruned megatron model's held-out loss
     from transformers import AutoTokenizer
-
-    from megaslim.data.packing import pack_rows, read_documents
 
     hf = AutoModelForCausalLM.from_pretrained(str(base / "hf")).eval()
     assert hf.config.num_hidden_layers == 2 and hf.config.hidden_size == 48 and hf.config.head_dim == 8
@@ -213,9 +211,6 @@ SMOLLM2 = dict(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attenti
 
 @pytest.mark.parametrize("name, non_embedding", [("width", 53_183_988), ("heads", 53_222_976), ("depth", 53_102_016)])
 def test_smollm2_prune_configs_hit_half_the_non_embedding_params(name, non_embedding):
-    from megaslim.config import load_config
-    from megaslim.model.arch import ModelArch, check_parallel_layout
-
     cfg = load_config(ROOT / "configs" / f"smollm2_prune_{name}.yaml")
     arch = ModelArch(**SMOLLM2)
     target = target_shape(arch, cfg.prune.export_config, tp=cfg.parallel.tensor_model_parallel_size,
@@ -233,9 +228,6 @@ def test_smollm2_prune_configs_hit_half_the_non_embedding_params(name, non_embed
 
 
 def test_iterative_step_shapes_are_valid_and_end_at_the_target():
-    from megaslim.model.arch import ModelArch, check_parallel_layout
-    from megaslim.prune.iterative import step_shapes
-
     arch = ModelArch(**SMOLLM2)
     target = replace(arch, hidden_size=468, ffn_hidden_size=642, num_attention_heads=3, num_query_groups=3,
                      num_layers=15)
@@ -258,11 +250,6 @@ def test_iterative_step_shapes_are_valid_and_end_at_the_target():
 
 
 def test_iterative_two_steps_reach_the_target_and_compose(tiny):
-    from megaslim.config import ImportanceConfig
-    from megaslim.importance.calibrate import compute_importance
-    from megaslim.prune.apply import prune_in_memory
-    from megaslim.prune.iterative import compose_plans, iterative_plans
-
     model, arch, tokens = tiny
     torch.manual_seed(1)
     rows = torch.randint(0, 250, (4, 17))
@@ -306,10 +293,6 @@ def test_iterative_two_steps_reach_the_target_and_compose(tiny):
 
 
 def test_fold_heads_merges_pruned_heads_into_kept_heads_of_their_group(tiny):
-    from megaslim.model.state import gather_full_state
-    from megaslim.prune.plan import fold_assignment
-    from megaslim.prune.slicing import prune_state
-
     model, arch, _ = tiny
     scores = _scores(arch)
     # 8 heads in 4 groups of 2 -> 4 heads (1 per group)
@@ -352,6 +335,25 @@ def test_fold_heads_merges_pruned_heads_into_kept_heads_of_their_group(tiny):
         f"decoder.layers.{i}.self_attention.linear_proj.weight" for i in range(4)}
     with pytest.raises(MegaslimError, match="unknown head folding mode"):
         build_plan(arch, target, scores, fold_heads="bogus")
+
+
+def test_fold_mode_defaults_to_proj_sum_and_old_plans_load_as_written(tiny, tmp_path):
+    _, arch, _ = tiny
+    target = target_shape(arch, ExportConfigShape(num_attention_heads=4), tp=1, hf_export=False)
+    plain = build_plan(arch, target, _scores(arch))
+    assert plain.fold_mode == "proj_sum" == _keep_all_plan(arch).fold_mode  # as the config's prune.fold_mode
+    assert build_plan(arch, target, _scores(arch), fold_heads="proj_sum").fold_mode == "proj_sum"
+    assert build_plan(arch, target, _scores(arch), fold_heads="laco").fold_mode == "laco"
+    # a plan written before the fold_mode key existed folded the laco way: it loads as laco
+    folded = json.loads(build_plan(arch, target, _scores(arch), fold_heads="laco").to_json())
+    del folded["fold_mode"]
+    (tmp_path / "old_plan.json").write_text(json.dumps(folded))
+    old = PrunePlan.load(tmp_path / "old_plan.json")
+    assert old.fold_mode == "laco" and old.fold_heads
+    assert old == build_plan(arch, target, _scores(arch), fold_heads="laco")
+    # and one written with the key loads exactly as written, whatever the default
+    assert PrunePlan.from_json(plain.to_json()) == plain
+    assert PrunePlan.from_json(json.dumps({**folded, "fold_mode": "laco"})).fold_mode == "laco"
 
 
 def test_launcher_iterative_and_fold_at_tp2_written_at_pp2(tiny_llama_tok, tmp_path):

@@ -7,6 +7,16 @@ import pytest
 import torch
 
 from megaslim.config import ExportConfigShape, ImportanceConfig, ModelConfig
+from megaslim.data.calibration import calibration_rows
+from megaslim.data.corpora import default_corpus
+from megaslim.data.packing import pack_rows, read_documents
+from megaslim.eval import evaluate_rows
+from megaslim.importance.calibrate import compute_importance
+from megaslim.model.hf import export_hf
+from megaslim.prune.apply import prune_in_memory
+from megaslim.prune.iterative import iterative_plans
+from megaslim.prune.plan import build_plan, target_shape
+from megaslim.sources import load_model
 
 pytestmark = pytest.mark.slow
 CALIB_ROWS, EVAL_ROWS, SEQ = 16, 8, 128
@@ -22,13 +32,6 @@ TARGETS = {
 @pytest.fixture(scope="module")
 def smol(smollm2_dir, megatron_tp1):
     from transformers import AutoTokenizer
-
-    from megaslim.data.calibration import calibration_rows
-    from megaslim.data.corpora import default_corpus
-    from megaslim.data.packing import pack_rows, read_documents
-    from megaslim.eval import evaluate_rows
-    from megaslim.importance.calibrate import compute_importance
-    from megaslim.sources import load_model
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     model, arch, _ = load_model(ModelConfig(load=str(smollm2_dir)))
@@ -59,9 +62,6 @@ def _ranking(scores, arch, kind: str, seed: int = 0):
 
 
 def _pruned(smol, scores, target, **plan_kw):
-    from megaslim.prune.apply import prune_in_memory
-    from megaslim.prune.plan import build_plan, target_shape
-
     arch = smol["arch"]
     plan = build_plan(arch, target_shape(arch, ExportConfigShape(**target), tp=1, hf_export=True), scores, **plan_kw)
     return prune_in_memory(smol["model"], plan, ModelConfig()), plan
@@ -86,8 +86,6 @@ def test_importance_ranking_beats_random_and_reversed(smol, name):
 
 def test_hf_export_of_width_pruned_model_matches_megatron(smol, tmp_path):
     from transformers import AutoModelForCausalLM
-
-    from megaslim.model.hf import export_hf
 
     model, plan = _pruned(smol, smol["scores"], TARGETS["width"])
     out = export_hf(model, plan.target_arch, tmp_path / "hf", tokenizer_dir=None)
@@ -121,11 +119,6 @@ def test_head_folding_measured_effect(smol):
 @pytest.mark.parametrize("name", ["width", "depth"])
 def test_iterative_two_steps_measured(smol, name):
     """prune.iterative=2 (re-scored on the half-pruned model) against single shot, same calibration rows."""
-    from megaslim.importance.calibrate import compute_importance
-    from megaslim.prune.apply import prune_in_memory
-    from megaslim.prune.iterative import iterative_plans
-    from megaslim.prune.plan import target_shape
-
     arch = smol["arch"]
     target = target_shape(arch, ExportConfigShape(**TARGETS[name]), tp=1, hf_export=True)
 

@@ -1,17 +1,15 @@
 """Runtime: a failing rank ends the job; bad input is refused with one clear line before compute."""
 import subprocess
 import sys
-import time
 
 import pytest
 from dist_utils import ROOT, torchrun
 
 
 def test_failing_rank_ends_job_quickly():
-    t0 = time.time()
-    proc = torchrun("fail_one_rank.py", nproc=2, check=False, timeout=120)
+    # A hang would last the gloo timeout (30 min); the subprocess timeout catches it without timing the machine.
+    proc = torchrun("fail_one_rank.py", nproc=2, check=False, timeout=300)
     assert proc.returncode != 0
-    assert time.time() - t0 < 60
     assert "rank 1 fails on purpose" in proc.stderr
     assert "unreachable" not in proc.stdout
 

@@ -10,7 +10,8 @@ from dist_utils import ROOT, torchrun
 from megaslim.config import SearchConfig
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch
-from megaslim.prune.search import candidates, enumerate_shapes
+from megaslim.prune.search import _width_values, candidates, enumerate_shapes
+from megaslim.sources import resolve_source, source_arch
 
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
 # SmolLM2-135M's shape (9 heads in 3 groups, tied embeddings)
@@ -77,8 +78,6 @@ def test_launcher_refuses_a_budget_with_an_explicit_shape_before_compute(tiny_ll
 
 
 def test_search_end_to_end_at_tp2(tiny_llama_tok, tmp_path):
-    from megaslim.sources import resolve_source, source_arch
-
     arch = source_arch(resolve_source(str(tiny_llama_tok)))
     budget = math.floor(0.85 * arch.num_params())
     out = tmp_path / "s"
@@ -120,8 +119,6 @@ def test_candidates_respect_target_pp_and_two_four_inputs():
 
 
 def test_width_grid_is_exact_in_integers():
-    from megaslim.prune.search import _width_values
-
     values = _width_values(5120, SearchConfig(width_step=0.05, max_width_pruning=0.4), 8)
     assert 3328 in values  # 5120 x 0.65, which floating point makes 3327.99...
     assert values == sorted({5120 * k // 20 // 8 * 8 for k in range(12, 21)}, reverse=True)

@@ -89,7 +89,7 @@ def tp1(megatron_tp1, tiny_llama_tok, rows):
     """The TP=1 model, its Wanda norms (micro-batches of 2) and its linears."""
     from megaslim.config import ModelConfig
     from megaslim.sources import load_model
-    from megaslim.sparsity.apply import local_linears
+    from megaslim.sparsity.linears import local_linears
     from megaslim.sparsity.wanda import input_norms
 
     model, arch, _ = load_model(ModelConfig(load=str(tiny_llama_tok)))
@@ -149,7 +149,8 @@ def test_magnitude_and_wanda_masks_equal_direct_references(tp1, rows, tiny_llama
 
 
 def test_masks_at_tp2_equal_tp1(tp1, rows, tiny_llama_tok, tmp_path):
-    from megaslim.sparsity.apply import compute_masks, load_masks
+    from megaslim.sparsity.apply import compute_masks
+    from megaslim.sparsity.store import load_masks
 
     torch.save(rows, tmp_path / "rows.pt")
     torchrun("sparsity_masks.py", tiny_llama_tok, 2, 1, tmp_path / "rows.pt", 2, tmp_path,
@@ -170,7 +171,7 @@ def _masks_and_weights(ckpt_dir):
     """Full (TP=1 layout) masks and weights of a checkpoint, read in this process."""
     from megaslim.config import ModelConfig
     from megaslim.sources import load_model
-    from megaslim.sparsity.apply import load_masks
+    from megaslim.sparsity.store import load_masks
 
     model, arch, _ = load_model(ModelConfig(load=str(ckpt_dir)))
     params = dict(model.named_parameters())
@@ -186,7 +187,7 @@ def _stored(ckpt_dir, key, shape):
     from megaslim import checkpoint as ckpt
 
     request = {"t": ShardedTensor.from_rank_offsets(key, torch.zeros(shape))}
-    with ckpt._quiet_megatron_internals():
+    with ckpt.quiet_megatron_internals():
         return dist_checkpointing.load(request, ckpt.verify(ckpt_dir)["path"])["t"]
 
 

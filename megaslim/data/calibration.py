@@ -14,6 +14,7 @@ import torch
 from megaslim.data.corpora import data_path
 from megaslim.data.packing import pack_rows, read_documents
 from megaslim.errors import MegaslimError
+from megaslim.runtime.layout import ParallelLayout
 
 
 def calibration_rows(path: Optional[str | os.PathLike], tokenizer, *, num_samples: int, seq_length: int,
@@ -28,4 +29,4 @@ def calibration_rows(path: Optional[str | os.PathLike], tokenizer, *, num_sample
     src = data_path(path, "data.calib_path")
     rows = pack_rows(read_documents(src), tokenizer, seq_length=seq_length, num_rows=num_samples,
                      what=f"calibration data {src}")
-    return rows[dp_rank::dp_size].contiguous()
+    return ParallelLayout(world_size=dp_size, dp=dp_size).shard_rows(rows, dp_rank).contiguous()

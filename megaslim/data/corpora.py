@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 
 from megaslim import assets
+from megaslim import io as mio
 from megaslim.errors import MegaslimError
 
 VERSION = "v1"  # bump when the document format or the split changes: new cache files
@@ -129,16 +131,13 @@ def default_corpus(split: str) -> Path:
     with assets.lock(f"corpus-{VERSION}"):
         if out.is_file():  # another process built it while we waited
             return out
-        out.parent.mkdir(parents=True, exist_ok=True)
         docs = split_documents()
-        tmps = {}
-        for name in SPLITS:  # both splits at once: one extraction, and they always match
-            tmps[name] = _corpus_file(name).with_name(f".{_corpus_file(name).name}.tmp{os.getpid()}")
-            with open(tmps[name], "w", encoding="utf-8") as f:
-                for text in docs[name]:
-                    f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        for name in SPLITS:
-            os.replace(tmps[name], _corpus_file(name))
+        with ExitStack() as stack:  # both splits at once: one extraction, and they always match
+            for name in SPLITS:
+                tmp = stack.enter_context(mio.atomic_path(_corpus_file(name)))
+                with open(tmp, "w", encoding="utf-8") as f:
+                    for text in docs[name]:
+                        f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     return out
 
 

@@ -2,8 +2,9 @@
 
 Every document is tokenized without BOS and followed by EOS (megatron's `--append-eod`), one sequence
 per document, so reading the stored documents back gives exactly the token stream of the evaluation
-protocol (DESIGN section 3). Tokenization runs in a multiprocessing pool; the files are written under
-a temporary prefix and renamed, `.idx` last, so a reader never sees a half-written dataset.
+protocol (README, "Evaluation protocol"). Tokenization runs in a multiprocessing pool; the files are
+written to temporary names and renamed into place, `.idx` last, so a reader never sees a half-written
+dataset.
 """
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
+from tqdm import tqdm
 
+from megaslim import assets
+from megaslim import io as mio
+from megaslim.data.documents import read_text_documents
 from megaslim.errors import MegaslimError
 
 _IDX_HEADER = b"MMIDIDX\x00\x00"  # megatron's .idx magic (indexed_dataset._INDEX_HEADER)
@@ -96,19 +101,29 @@ def write_indexed(docs: Iterable[str], tokenizer, out_prefix: str | os.PathLike,
     `workers` > 1 tokenizes in a process pool (each worker gets a copy of the tokenizer once);
     documents keep their order. Existing files at `out_prefix` are replaced only once the new
     pair is complete, and a failure leaves no temporary files."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from tqdm import tqdm
-
     eos = tokenizer.eos_token_id if eos_id is None else eos_id
     if eos is None:
         raise MegaslimError("the tokenizer has no EOS token; cannot separate documents")
-    dtype = token_dtype(len(tokenizer))
     out_prefix = os.fspath(out_prefix)
-    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{out_prefix}.tmp{os.getpid()}"
+    # the .idx is renamed last: until it is in place, the prefix is not a dataset
+    with mio.atomic_path(f"{out_prefix}.idx") as tmp_idx, mio.atomic_path(f"{out_prefix}.bin") as tmp_bin:
+        n_docs, n_tokens = _build(docs, tokenizer, eos, tmp_bin, tmp_idx, workers=workers, progress=progress,
+                                  desc=desc, chunksize=chunksize)
+        if n_docs == 0:
+            raise MegaslimError(f"no documents to write to {out_prefix}: the input is empty")
+        if os.path.exists(f"{out_prefix}.idx"):  # never a new .bin beside the old .idx
+            os.remove(f"{out_prefix}.idx")
+    return {"documents": n_docs, "tokens": n_tokens, "prefix": out_prefix}
+
+
+def _build(docs: Iterable[str], tokenizer, eos: int, bin_path: Path, idx_path: Path, *, workers: int,
+           progress: bool, desc: str, chunksize: int) -> tuple[int, int]:
+    """Tokenize into the files `bin_path` / `idx_path`; (documents, tokens)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     n_docs = n_tokens = 0
     pool = None
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
+    builder = IndexedDatasetBuilder(str(bin_path), dtype=token_dtype(len(tokenizer)))
     try:
         if workers > 1:
             # each worker inherits or unpickles the tokenizer once, not once per document
@@ -123,22 +138,12 @@ def write_indexed(docs: Iterable[str], tokenizer, out_prefix: str | os.PathLike,
                 n_docs += 1
                 n_tokens += len(ids)
                 bar.set_postfix(tokens=n_tokens, refresh=False)
-        builder.finalize(f"{tmp}.idx")
-        if n_docs == 0:
-            raise MegaslimError(f"no documents to write to {out_prefix}: the input is empty")
-        # .idx goes last: until it is in place, the prefix is not a dataset (never a mixed pair)
-        if os.path.exists(f"{out_prefix}.idx"):
-            os.remove(f"{out_prefix}.idx")
-        os.replace(f"{tmp}.bin", f"{out_prefix}.bin")
-        os.replace(f"{tmp}.idx", f"{out_prefix}.idx")
+        builder.finalize(str(idx_path))
     finally:
         builder.data_file.close()  # finalize() closed it already, unless something failed
         if pool is not None:
             pool.terminate()
-        for suffix in (".bin", ".idx"):
-            if os.path.exists(tmp + suffix):
-                os.remove(tmp + suffix)
-    return {"documents": n_docs, "tokens": n_tokens, "prefix": out_prefix}
+    return n_docs, n_tokens
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -154,9 +159,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cached_indexed(path: str | os.PathLike, tokenizer, *, workers: Optional[int] = None) -> str:
     """An indexed prefix for `path`: itself if it already is one, else its tokenization, built once
     into the megaslim cache (keyed by file content and tokenizer) under a file lock."""
-    from megaslim import assets
-    from megaslim.data.packing import read_documents
-
     prefix = as_prefix(path)
     if prefix is not None:
         return prefix
@@ -168,5 +170,5 @@ def cached_indexed(path: str | os.PathLike, tokenizer, *, workers: Optional[int]
     with assets.lock(f"indexed-{key}"):
         if not is_indexed_prefix(out):
             workers = workers or min(4, os.cpu_count() or 1)
-            write_indexed(read_documents(p), tokenizer, out, workers=workers, desc=f"tokenizing {p.name}")
+            write_indexed(read_text_documents(p), tokenizer, out, workers=workers, desc=f"tokenizing {p.name}")
     return str(out)

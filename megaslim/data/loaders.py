@@ -15,7 +15,10 @@ from typing import Iterator, Optional
 
 import torch
 
+from megaslim import assets
+from megaslim.data.indexed import as_prefix, open_indexed
 from megaslim.errors import MegaslimError
+from megaslim.runtime.layout import ParallelLayout
 
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -36,8 +39,6 @@ class _TokenizerInfo:
 def _cache_dir_for(prefix: str, cache_path: Optional[str | os.PathLike]) -> str:
     """Megatron keys its cached sample indices by path and config, not file content: add the .idx/.bin
     sizes and mtimes so re-preprocessing a prefix can never reuse stale indices."""
-    from megaslim import assets
-
     stat = [os.stat(prefix + s) for s in (".bin", ".idx")]
     key = hashlib.sha256(repr([(s.st_size, s.st_mtime_ns) for s in stat]).encode()).hexdigest()[:12]
     root = Path(cache_path) if cache_path is not None else assets.cache_dir() / "gpt_indices"
@@ -50,8 +51,6 @@ def gpt_dataset(prefix: str | os.PathLike, tokenizer, *, seq_length: int, num_sa
     `prefix` (more epochs when it is short). `tokenizer`: the HF tokenizer (its EOS id and size)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    from megaslim.data.indexed import as_prefix, open_indexed
 
     given, prefix = prefix, as_prefix(prefix)
     if prefix is None:
@@ -102,10 +101,7 @@ def train_micro_batches(prefix: str | os.PathLike, tokenizer, *, seq_length: int
                         cache_path: Optional[str | os.PathLike] = None) -> Iterator[dict[str, torch.Tensor]]:
     """Micro-batches of this DP rank for a whole run of `train_iters` steps of `global_batch_size`
     samples (gradient accumulation = gbs / (mbs * dp) micro-batches per step)."""
-    if global_batch_size % (micro_batch_size * dp_size):
-        raise MegaslimError(
-            f"train.global_batch_size={global_batch_size} is not a multiple of micro_batch_size * DP = "
-            f"{micro_batch_size} * {dp_size}")
+    ParallelLayout(world_size=dp_size, dp=dp_size).check_global_batch(global_batch_size, micro_batch_size)
     total = train_iters * global_batch_size
     ds = gpt_dataset(prefix, tokenizer, seq_length=seq_length, num_samples=total, seed=seed,
                      cache_path=cache_path)

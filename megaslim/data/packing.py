@@ -1,4 +1,4 @@
-"""Documents -> packed token rows (the pinned evaluation/calibration protocol of DESIGN section 3).
+"""Documents -> packed token rows: the pinned evaluation/calibration protocol (README, "Evaluation protocol").
 
 Documents in file order, tokenized without BOS, EOS after each document, concatenated, cut into rows
 of seq_length + 1 tokens that overlap by one token (megatron GPTDataset convention: every token of the
@@ -9,42 +9,25 @@ used as stored (megaslim's preprocessing, like megatron's --append-eod, already 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from megaslim.data.documents import read_text_documents
+from megaslim.data.indexed import as_prefix, iter_token_documents
 from megaslim.errors import MegaslimError
 
 
 def read_documents(path: str | Path) -> Iterator:
     """Documents of a `.jsonl` (one JSON object per line with a "text" field) or a `.txt` (one doc)
     as str, or of a megatron indexed prefix as int64 token arrays."""
-    from megaslim.data.indexed import as_prefix, iter_token_documents
-
     p = Path(path)
     prefix = as_prefix(p) if p.suffix not in (".jsonl", ".txt") else None
     if prefix is not None:
         yield from iter_token_documents(prefix)
-        return
-    if not p.is_file():
-        raise MegaslimError(f"data file not found: {p} (expected .jsonl, .txt, or an indexed prefix "
-                            "with PREFIX.bin and PREFIX.idx)")
-    if p.suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise MegaslimError(f"{p}:{lineno}: not a JSON object with a \"text\" field") from None
-                yield text
-    elif p.suffix == ".txt":
-        yield p.read_text(encoding="utf-8")
     else:
-        raise MegaslimError(f"{p}: unsupported data file (expected .jsonl with \"text\", or .txt)")
+        yield from read_text_documents(p)
 
 
 def pack_rows(docs, tokenizer, *, seq_length: int, num_rows: int, eos_id: int | None = None,

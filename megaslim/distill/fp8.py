@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from megaslim.errors import MegaslimError
 
 MODES = {"e4m3": "E4M3", "hybrid": "HYBRID"}
@@ -47,17 +49,14 @@ class Fp8Settings:
 
 
 def settings_from_config(cfg) -> Optional[Fp8Settings]:
-    """FP8 settings of a config, None when `distill.fp8` is unset. Keys beyond `distill.fp8` are read
-    with defaults until the schema has them (distill.fp8_recipe, fp8_amax_history_len,
-    fp8_amax_compute_algo, fp8_margin)."""
+    """FP8 settings of a config (distill.fp8, fp8_recipe with its aliases, fp8_amax_history_len,
+    fp8_amax_compute_algo, fp8_margin), None when `distill.fp8` is unset."""
     d = cfg.distill
     if d.fp8 is None:
         return None
-    recipe = getattr(d, "fp8_recipe", None) or "delayed"
-    return Fp8Settings(mode=d.fp8, recipe=ALIASES.get(recipe, recipe),
-                       amax_history_len=getattr(d, "fp8_amax_history_len", 1024),
-                       amax_compute_algo=getattr(d, "fp8_amax_compute_algo", "max"),
-                       margin=getattr(d, "fp8_margin", 0))
+    return Fp8Settings(mode=d.fp8, recipe=ALIASES.get(d.fp8_recipe, d.fp8_recipe),
+                       amax_history_len=d.fp8_amax_history_len, amax_compute_algo=d.fp8_amax_compute_algo,
+                       margin=d.fp8_margin)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,8 +123,6 @@ def fp8_problems(s: Fp8Settings, *, transformer_impl: str, te_error: Optional[st
 
 def environment() -> dict:
     """What `fp8_problems` needs to know about this machine (imports TE, if it is there)."""
-    import torch
-
     env = {"te_error": None, "te_version": None, "te_recipes": None, "te_fp8_reason": None,
            "cuda": torch.cuda.is_available(), "capability": None}
     if env["cuda"]:

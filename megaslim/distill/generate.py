@@ -12,25 +12,26 @@ recompute); `generate.kv_cache=false` recomputes the whole sequence for every ne
 TP shards the model (logits are gathered for sampling only, one position per step); DP splits the
 batches; PP is refused (generation runs one stage). Sampling is seeded per batch from
 `generate.seed` (default `train.seed`), so the output does not depend on the DP layout.
+The command that drives this library is `megaslim.commands.generate` (`launch/generate.py`).
 """
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaslim import io as mio
 from megaslim.config import GenerateConfig
+from megaslim.data.indexed import open_indexed
+from megaslim.data.packing import read_documents
 from megaslim.errors import MegaslimError
 
-GenerateSettings = GenerateConfig  # the `generate` section of megaslim/config.py
 
-
-def check_settings(s: GenerateSettings) -> None:
+def check_settings(s: GenerateConfig) -> None:
     problems = []
     for name in ("num_prompts", "prompt_length", "max_new_tokens", "batch_size"):
         v = getattr(s, name)
@@ -45,19 +46,12 @@ def check_settings(s: GenerateSettings) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# config bridge: `section.*` keys beside the main schema
-# --------------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------------
 # prompts
 # --------------------------------------------------------------------------------------------------
 def draw_prompts(prefix, *, num_prompts: int, prompt_length: int, seed: int) -> list[list[int]]:
     """`num_prompts` windows of `prompt_length` tokens from the documents of an indexed dataset, at
     seeded random positions (documents weighted by how many windows they hold; the last token of a
     document, its EOS, is never included)."""
-    import numpy as np
-
-    from megaslim.data.indexed import open_indexed
-
     ds = open_indexed(prefix)
     lengths = ds.sequence_lengths.astype(np.int64)
     windows = np.maximum(lengths - prompt_length, 0)  # starts 0..len-1-L: the window ends before EOS
@@ -76,8 +70,6 @@ def draw_prompts(prefix, *, num_prompts: int, prompt_length: int, seed: int) -> 
 
 def prompts_from_file(path, tokenizer, *, num_prompts: int) -> list[list[int]]:
     """The first `num_prompts` documents of a .jsonl ("text") / .txt file, tokenized without BOS."""
-    from megaslim.data.packing import read_documents
-
     out = []
     for lineno, text in enumerate(read_documents(path), 1):
         if len(out) == num_prompts:
@@ -151,7 +143,7 @@ def generate_batch(model, prompts: torch.Tensor, *, vocab_size: int, max_new_tok
     done = torch.zeros(b, dtype=torch.bool, device=device)
     step_in = tokens
     tp_world = ps.get_tensor_model_parallel_world_size()
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         if ctx is not None:
             start = ctx.sequence_len_offset
             pos = torch.arange(start, start + step_in.shape[1], device=device).unsqueeze(0).expand(b, -1)
@@ -200,21 +192,10 @@ def batch_generator(seed: int, batch_no: int, device) -> torch.Generator:
 # --------------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------------
-def write_jsonl_atomic(path, records: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+def write_jsonl(path, records: list[dict]) -> Path:
+    """One JSON object per line (UTF-8), written atomically and durably: a reader never sees half a corpus."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return mio.atomic_write(path, text.encode("utf-8"), durable=True)
 
 
 def to_record(tokenizer, prompt: list[int], completion: list[int], eos_id: Optional[int]) -> dict:
@@ -223,111 +204,3 @@ def to_record(tokenizer, prompt: list[int], completion: list[int], eos_id: Optio
     return {"text": tokenizer.decode(prompt + body), "prompt": tokenizer.decode(prompt),
             "completion": tokenizer.decode(body), "prompt_tokens": len(prompt),
             "completion_tokens": len(body), "finished": finished}
-
-
-# --------------------------------------------------------------------------------------------------
-# launch/generate.py
-# --------------------------------------------------------------------------------------------------
-def prepare(cfg, s: GenerateSettings) -> dict:
-    """Every check and the prompt set, before distributed work."""
-    from megaslim.data.corpora import data_path
-    from megaslim.data.indexed import cached_indexed
-    from megaslim.model.arch import check_parallel_layout
-    from megaslim.runtime.distributed import check_layout
-    from megaslim.sources import resolve_source, source_arch
-    from megaslim.tokenizer import load_tokenizer
-
-    check_settings(s)
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    if pp != 1:
-        raise MegaslimError(f"generation runs at parallel.pipeline_model_parallel_size=1 (got {pp}); "
-                            "shard a large teacher with tensor parallelism instead")
-    dp = check_layout(int(os.environ.get("WORLD_SIZE", "1")), tp, pp)
-    src = resolve_source(cfg.distill.teacher.load or cfg.model.load)
-    arch = source_arch(src)
-    check_parallel_layout(arch, tp, pp)
-    tokenizer = load_tokenizer(cfg.model, src)
-    seed = cfg.train.seed if s.seed is None else s.seed
-    if s.prompts_path:
-        prompts = prompts_from_file(s.prompts_path, tokenizer, num_prompts=s.num_prompts)
-        source = str(s.prompts_path)
-    else:
-        source = str(data_path(cfg.data.train_path, "data.train_path"))
-        prefix = cached_indexed(source, tokenizer)
-        prompts = draw_prompts(prefix, num_prompts=s.num_prompts, prompt_length=s.prompt_length, seed=seed)
-    longest = max(len(p) for p in prompts) + s.max_new_tokens
-    if longest > arch.max_position_embeddings:
-        raise MegaslimError(f"prompt ({longest - s.max_new_tokens} tokens) + generate.max_new_tokens="
-                            f"{s.max_new_tokens} exceeds the teacher's max_position_embeddings="
-                            f"{arch.max_position_embeddings}")
-    output = Path(s.output) if s.output else Path(cfg.output_dir) / "synthetic.jsonl"
-    if output.exists() and output.is_dir():
-        raise MegaslimError(f"generate.output={output} is a directory")
-    return dict(source=src, arch=arch, tokenizer=tokenizer, prompts=prompts, prompt_source=source,
-                seed=seed, output=output, dp=dp)
-
-
-def run_generate(cfg, s: GenerateSettings) -> dict:
-    from dataclasses import asdict, replace
-
-    from megatron.core import parallel_state as ps
-    from tqdm import tqdm
-
-    from megaslim import io as mio
-    from megaslim import report
-    from megaslim.commands import cli
-    from megaslim.sources import load_model
-
-    timer = report.Timer()
-    p = prepare(cfg, s)
-    rt = cli.start(cfg)
-    model, arch, _ = load_model(replace(cfg.model, load=None), p["source"])
-    model.eval()
-    tok, prompts = p["tokenizer"], p["prompts"]
-    eos = tok.eos_token_id if s.stop_at_eos else None
-    batches = make_batches(prompts, s.batch_size)
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    mine = [(j, b) for j, b in enumerate(batches) if j % dp == dp_rank]
-    device = next(model.parameters()).device
-    results: dict[int, list[int]] = {}
-    gen_t0 = time.time()
-    bar = tqdm(total=len(prompts), desc="generate", unit=" prompts", disable=not rt.is_rank0,
-               dynamic_ncols=True)
-    for j, idx in mine:
-        batch = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
-        outs = generate_batch(model, batch, vocab_size=arch.vocab_size, max_new_tokens=s.max_new_tokens,
-                              temperature=s.temperature, top_p=s.top_p,
-                              generator=batch_generator(p["seed"], j, device), eos_id=eos, kv_cache=s.kv_cache)
-        results.update(zip(idx, outs))
-        bar.update(len(idx) * dp)  # the other DP ranks progress alike
-    bar.close()
-    gen_seconds = time.time() - gen_t0
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results if ps.get_tensor_model_parallel_rank() == 0 else None)
-    summary = {}
-    if rt.is_rank0:
-        merged: dict[int, list[int]] = {}
-        for g in gathered:
-            merged.update(g or {})
-        records = [to_record(tok, prompts[i], merged[i], eos) for i in range(len(prompts))]
-        write_jsonl_atomic(p["output"], records)
-        new_tokens = sum(len(merged[i]) for i in range(len(prompts)))
-        summary = {
-            "output": str(p["output"]), "num_prompts": len(prompts), "prompt_source": p["prompt_source"],
-            "teacher": str(p["source"].label), "generated_tokens": new_tokens,
-            "finished": sum(r["finished"] for r in records), "seconds": round(timer.seconds, 2),
-            "tokens_per_s": new_tokens / max(gen_seconds, 1e-9), "seed": p["seed"],
-            "settings": asdict(s) if hasattr(s, "__dataclass_fields__") else dict(s),
-        }
-        mio.write_json(Path(cfg.output_dir) / "generate.json", summary)
-    dist.barrier()
-    report.summary_table("megaslim generate", [
-        ("teacher", f"{p['source'].label} ({arch.num_params():,} params)"),
-        ("prompts", f"{len(prompts)} from {p['prompt_source']}"),
-        ("sampling", f"temperature={s.temperature} top_p={s.top_p} max_new_tokens={s.max_new_tokens} "
-                     f"kv_cache={s.kv_cache}"),
-        ("generated tokens", summary.get("generated_tokens", "-")),
-        ("tokens/s", round(summary["tokens_per_s"], 1) if summary else "-"),
-        ("seconds", round(timer.seconds, 1)), ("output", p["output"]),
-    ])
-    return summary

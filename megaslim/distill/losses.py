@@ -1,4 +1,4 @@
-"""Distillation losses as pure functions (Minitron: logit KD, intermediate-state and embedding losses).
+"""Distillation losses as pure functions (Minitron: logit KD and intermediate-state losses).
 
 Logit losses work on megatron's vocab-parallel logits: the last dim is this TP rank's shard of the
 (padded) vocabulary, any leading layout ([s, b, V/TP] or [b, s, V/TP]). Teacher and student shards must
@@ -281,7 +281,7 @@ def logit_kd_loss(*, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------------
-# intermediate-state and embedding losses
+# intermediate-state losses
 # --------------------------------------------------------------------------------------------------
 class HiddenProjection(nn.Linear):
     """Learned map from the student's hidden width to the teacher's (Minitron's intermediate loss).
@@ -406,15 +406,6 @@ def intermediate_loss(*, student_hidden: torch.Tensor, teacher_hidden: torch.Ten
                                 loss_mask=loss_mask, projection=projection, temperature=temperature)
     return hidden_state_loss(student_hidden=student_hidden, teacher_hidden=teacher_hidden, loss_mask=loss_mask,
                              projection=projection, kind=kind)
-
-
-def embedding_loss(*, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
-                   loss_mask: torch.Tensor, projection: nn.Module | None = None,
-                   kind: str = "cosine") -> torch.Tensor:
-    """Loss between the embedding outputs ([s, b, h], megatron's `embedding` module output) of student
-    and teacher: the intermediate-state loss at layer "-1", with its own projection."""
-    return hidden_state_loss(student_hidden=student_embeddings, teacher_hidden=teacher_embeddings,
-                             loss_mask=loss_mask, projection=projection, kind=kind)
 
 
 def _layer_index(value, n: int, who: str) -> int:

@@ -16,6 +16,8 @@ import contextlib
 
 import torch
 
+from megaslim.distill.fp8 import reset_weight_cache
+
 
 class DistillModel(torch.nn.Module):
     def __init__(self, student_ddp, teacher, *, fp8=None):
@@ -52,8 +54,6 @@ class DistillModel(torch.nn.Module):
         """Called by megatron's schedules at the first micro-batch of a step: the student's weights
         changed since the last step, so its FP8 weight casts must be redone."""
         if self.fp8 is not None:
-            from megaslim.distill.fp8 import reset_weight_cache
-
             reset_weight_cache(self.student)
 
     def forward(self, tokens, position_ids, attention_mask=None):
@@ -62,8 +62,6 @@ class DistillModel(torch.nn.Module):
             t_out = None
             if self.teacher is not None:
                 if self.fp8 is not None and not self._teacher_fp8_cached:
-                    from megaslim.distill.fp8 import reset_weight_cache
-
                     reset_weight_cache(self.teacher)  # cast once under FP8; reused afterwards
                     self._teacher_fp8_cached = True
                 with torch.no_grad():

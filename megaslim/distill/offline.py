@@ -1,6 +1,6 @@
 """Offline teacher logits: the teacher's top-k log-probabilities, computed once per training sample
-(`launch/teacher_logits.py`), stored in safetensors shards, and a KD loss that reads them instead of
-running a teacher (distillation without the teacher in memory).
+(`launch/teacher_logits.py`, `megaslim.commands.teacher_logits`), stored in safetensors shards, and a KD
+loss that reads them instead of running a teacher (distillation without the teacher in memory).
 
 Store layout (a directory):
   teacher_logits.json      index, written last (its presence means the store is complete): format,
@@ -29,15 +29,24 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from megaslim import assets
+from megaslim import checkpoint as ckpt
+from megaslim import io as mio
 from megaslim.config import OfflineConfig
+from megaslim.data.indexed import tokenizer_fingerprint
+from megaslim.data.loaders import gpt_dataset, micro_batches
+from megaslim.distill.losses import _prepare, _sum_to_replicated, _tp, vocab_parallel_topk
 from megaslim.errors import MegaslimError
+from megaslim.model.arch import ModelArch
+from megaslim.runtime import ParallelLayout
 
 FORMAT = "megaslim-teacher-topk"
 VERSION = 1
@@ -47,10 +56,7 @@ TOKENIZER = "tokenizer"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-OfflineSettings = OfflineConfig  # the `offline` section of megaslim/config.py
-
-
-def check_settings(s: OfflineSettings) -> None:
+def check_settings(s: OfflineConfig) -> None:
     if s.dtype not in DTYPES:
         raise MegaslimError(f"offline.dtype={s.dtype!r} is not one of {list(DTYPES)}")
     if isinstance(s.samples_per_shard, bool) or s.samples_per_shard < 1:
@@ -77,8 +83,6 @@ def _file_sample_digest(path: Path, h, chunk: int = 1 << 20) -> None:
 
 def weights_digest(source) -> str:
     """A short digest of a model source's weight files (megaslim.sources.Source)."""
-    from megaslim import checkpoint as ckpt
-
     root = ckpt.resolve(source.path) if source.kind == "checkpoint" else Path(source.path)
     h = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
@@ -91,16 +95,12 @@ def weights_digest(source) -> str:
 
 
 def teacher_identity(source, arch, tokenizer) -> dict:
-    from megaslim.data.indexed import tokenizer_fingerprint
-
     return {"arch": arch.to_dict(), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "weights_digest": weights_digest(source), "source": str(source.label)}
 
 
 def data_identity(prefix: str) -> dict:
     """The indexed dataset: its .idx digest (document lengths, dtype) and .bin size."""
-    from megaslim import assets
-
     return {"prefix": str(prefix), "idx_sha256": assets.sha256_of(Path(f"{prefix}.idx"))[:16],
             "bin_bytes": os.path.getsize(f"{prefix}.bin")}
 
@@ -116,8 +116,6 @@ def topk_logprobs(logits: torch.Tensor, *, vocab_size: int, k: int) -> tuple[tor
     Candidates and order are those of the online top-k KL at temperature 1 (each shard proposes its
     top-k, k values per rank are exchanged; float32; padded vocab masked); the log-normaliser uses an
     all-reduced sum of exponentials, so the vocabulary is never gathered."""
-    from megaslim.distill.losses import _prepare, _tp, vocab_parallel_topk
-
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
         raise MegaslimError(f"top-k needs an integer k in [1, vocab_size={vocab_size}] (got {k!r})")
     group, rank, world = _tp()
@@ -139,8 +137,6 @@ def offline_topk_kl_per_token(*, student_logits: torch.Tensor, topk_idx: torch.T
     its stored top-k. `student_logits` [..., V/TP] (this TP rank's shard), `topk_idx`/`topk_logp`
     [..., K] with K >= top_k (default: all K stored). Replicated on every TP rank; the student
     gradient lands on the owning shard only."""
-    from megaslim.distill.losses import _prepare, _sum_to_replicated, _tp
-
     if not temperature > 0:
         raise MegaslimError(f"KD temperature must be > 0 (got {temperature})")
     stored = topk_idx.shape[-1]
@@ -198,18 +194,14 @@ class ShardWriter:
                 self.flush()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         tensors = {k: torch.cat([r[k] for r in self.pending]).contiguous() for k in self.pending[0]}
         name = f"shard-{self.tag}-{len(self.records):05d}.safetensors"
-        tmp = self.dir / f".{name}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
-        os.replace(tmp, self.dir / name)
+        with mio.atomic_path(self.dir / name) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
         ids = tensors["sample_ids"].tolist()
-        order_ok = ids == sorted(ids)
-        if not order_ok:
+        if ids != sorted(ids):
             raise MegaslimError("internal: shard rows are not in sample order")
         self.records.append({"file": name, "rows": len(ids), "ranges": _ranges(ids)})
         self.bytes += (self.dir / name).stat().st_size
@@ -224,15 +216,7 @@ def is_offline_dir(path) -> bool:
 
 
 def offline_dir(cfg) -> Optional[Path]:
-    """The offline-logits store a distillation config names: `distill.offline_logits` (once the
-    schema has it) or a `distill.teacher.load` that is such a store."""
-    explicit = getattr(cfg.distill, "offline_logits", None)
-    if explicit:
-        p = Path(explicit).expanduser()
-        if not is_offline_dir(p):
-            raise MegaslimError(f"distill.offline_logits={explicit}: no {INDEX} there; compute the logits "
-                                "with launch/teacher_logits.py first")
-        return p
+    """The offline-logits store a distillation config names: a `distill.teacher.load` that is one."""
     t = cfg.distill.teacher.load
     return Path(t).expanduser() if is_offline_dir(t) else None
 
@@ -287,8 +271,6 @@ class TopKStore:
 
     @property
     def teacher_arch(self):
-        from megaslim.model.arch import ModelArch
-
         return ModelArch.from_dict(self.meta["teacher"]["arch"])
 
     @property
@@ -301,8 +283,6 @@ class TopKStore:
               vocab_size: Optional[int] = None, teacher: Optional[dict] = None) -> None:
         """Refuse a store made for another tokenizer, teacher, sequence length, corpus or data order,
         or one too small for this run; every problem in one message."""
-        from megaslim.data.indexed import tokenizer_fingerprint
-
         m, problems = self.meta, []
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != m["teacher"]["tokenizer_fingerprint"]:
             problems.append("they were computed with another tokenizer (fingerprint "
@@ -345,8 +325,6 @@ class TopKStore:
     def read(self, sample_ids, *, top_k: Optional[int] = None) -> dict[str, torch.Tensor]:
         """{"text", "topk_idx", "topk_logp"} for the given global sample ids, in that order
         (ids of one micro-batch are contiguous, hence one slice per shard in practice)."""
-        from safetensors import safe_open
-
         k = self.top_k if top_k is None else top_k
         parts: dict[str, list] = {"text": [], "topk_idx": [], "topk_logp": []}
         located = [self._locate(int(i)) for i in sample_ids]
@@ -389,12 +367,8 @@ def offline_micro_batches(store: TopKStore, prefix, tokenizer, *, micro_batch_si
     top-k added as `teacher_topk_idx` (int64) and `teacher_topk_logp` (float32), [mbs, S, k].
     Each sample's tokens are compared with the stored ones: a store that does not belong to this
     data is refused, never silently used."""
-    from megaslim.data.loaders import gpt_dataset, micro_batches
-
     total = train_iters * global_batch_size
-    if global_batch_size % (micro_batch_size * dp_size):
-        raise MegaslimError(f"train.global_batch_size={global_batch_size} is not a multiple of "
-                            f"micro_batch_size * DP = {micro_batch_size} * {dp_size}")
+    ParallelLayout(world_size=dp_size, dp=dp_size).check_global_batch(global_batch_size, micro_batch_size)
     store.check(num_samples=total)
     ds = gpt_dataset(prefix, tokenizer, seq_length=store.seq_length,
                      num_samples=int(store.meta["data"]["dataset_num_samples"]),
@@ -424,149 +398,40 @@ def teacher_eval_for(store: TopKStore, *, eval_path, num_samples: int, seq_lengt
     return None
 
 
+
+
 # --------------------------------------------------------------------------------------------------
-# launch/teacher_logits.py
+# a store's life: begun empty, shards written per rank, finished by the index
 # --------------------------------------------------------------------------------------------------
-def prepare_precompute(cfg, settings: OfflineSettings) -> dict:
-    """Every check before distributed work: teacher, tokenizer, data, k, output directory."""
-    from megaslim.data.corpora import data_path
-    from megaslim.data.indexed import cached_indexed
-    from megaslim.data.packing import pack_rows, read_documents
-    from megaslim.model.arch import check_parallel_layout
-    from megaslim.runtime.distributed import check_layout
-    from megaslim.sources import resolve_source, source_arch
-    from megaslim.tokenizer import load_tokenizer
-
-    check_settings(settings)
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    dp = check_layout(int(os.environ.get("WORLD_SIZE", "1")), tp, pp)
-    t = cfg.train
-    if t.train_iters < 1:
-        raise MegaslimError("train.train_iters must be >= 1")
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise MegaslimError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                            f"train.micro_batch_size * DP = {t.micro_batch_size} * {dp}")
-    load = cfg.distill.teacher.load or cfg.model.load
-    if is_offline_dir(load):
-        raise MegaslimError(f"{load} already holds offline logits; name the teacher model with "
-                            "distill.teacher.load or model.load")
-    src = resolve_source(load)
-    arch = source_arch(src)
-    check_parallel_layout(arch, tp, pp)
-    k = cfg.distill.top_k
-    if isinstance(k, bool) or not 1 <= k <= arch.vocab_size:
-        raise MegaslimError(f"distill.top_k={k} must be in [1, vocab_size={arch.vocab_size}]")
-    tokenizer = load_tokenizer(cfg.model, src)
-    out = Path(cfg.output_dir)
-    if (out / INDEX).exists():
-        raise MegaslimError(f"{out} already holds offline logits; choose another output_dir")
-    prefix = cached_indexed(data_path(cfg.data.train_path, "data.train_path"), tokenizer)
-    eval_path = data_path(cfg.data.eval_path, "data.eval_path")
-    eval_rows = pack_rows(read_documents(eval_path), tokenizer, seq_length=cfg.data.seq_length,
-                          num_rows=cfg.eval.num_samples, what=f"data.eval_path={eval_path}")
-    return dict(source=src, arch=arch, tokenizer=tokenizer, prefix=prefix, eval_path=eval_path,
-                eval_rows=eval_rows, dp=dp, out=out, identity=teacher_identity(src, arch, tokenizer),
-                data=data_identity(prefix))
+def partial_shards(out: Path) -> Path:
+    """Where the writing ranks put their shards until the store is finished."""
+    return Path(out) / (SHARDS + ".partial")
 
 
-def precompute(cfg, settings: OfflineSettings) -> dict:
-    """Run the teacher over exactly the samples `train.train_iters` distillation steps would read
-    and write its top-k log-probs (k = distill.top_k) as a store in `output_dir`."""
-    from megatron.core import parallel_state as ps
-    from tqdm import tqdm
+def begin_store(out: Path) -> Path:
+    """An empty `partial_shards(out)` folder for the writing ranks (call on the writer rank)."""
+    partial = partial_shards(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(out / SHARDS, ignore_errors=True)  # a leftover of a run killed before its index: free it now
+    partial.mkdir()
+    return partial
 
-    from megaslim import io as mio
-    from megaslim import report
-    from megaslim.commands import cli
-    from megaslim.data.loaders import gpt_dataset, micro_batches
-    from megaslim.eval import evaluate_rows
-    from megaslim.model.forward import run_forward
-    from megaslim.sources import load_model
 
-    timer = report.Timer()
-    p = prepare_precompute(cfg, settings)
-    rt = cli.start(cfg)
-    from dataclasses import replace
-
-    model, arch, _ = load_model(replace(cfg.model, load=None), p["source"])
-    out, t, seq, k = p["out"], cfg.train, cfg.data.seq_length, cfg.distill.top_k
-    total = t.train_iters * t.global_batch_size
-    dp_rank = ps.get_data_parallel_rank()
-    shards_partial = out / (SHARDS + ".partial")
-    if rt.is_rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(shards_partial, ignore_errors=True)
-        shutil.rmtree(out / SHARDS, ignore_errors=True)  # a leftover of a run killed before its index
-        shards_partial.mkdir()
-    dist.barrier()
-    writer = None
-    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        writer = ShardWriter(shards_partial, tag=f"{dp_rank:03d}", dtype=settings.dtype,
-                             samples_per_shard=settings.samples_per_shard)
-    ds = gpt_dataset(p["prefix"], p["tokenizer"], seq_length=seq, num_samples=total, seed=t.seed,
-                     cache_path=out / "data_cache")
-    batches = micro_batches(ds, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=p["dp"],
-                            num_samples=total)
-    ids = sample_ids(micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=p["dp"],
-                     consumed_samples=0, num_samples=total)
-    per_step = t.global_batch_size // (t.micro_batch_size * p["dp"])
-
-    def on_output(batch, logits):
-        idx, logp = topk_logprobs(logits, vocab_size=arch.vocab_size, k=k)
-        if writer is not None:
-            text = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1)
-            writer.add(sample_ids=batch["sample_ids"], text=text, topk_idx=idx, topk_logp=logp)
-        return {}
-
-    bar = tqdm(total=t.train_iters, desc="teacher top-k", disable=not rt.is_rank0, dynamic_ncols=True)
-    for _ in range(t.train_iters):
-        chunk = []
-        for _ in range(per_step):
-            mb = next(batches)
-            mb["sample_ids"] = torch.tensor(next(ids), dtype=torch.long)
-            chunk.append(mb)
-        run_forward(model, chunk, on_output, seq_length=seq, micro_batch_size=t.micro_batch_size)
-        bar.update(1)
-    bar.close()
-    if writer is not None:
-        writer.flush()
-    teacher_eval = evaluate_rows(model, p["eval_rows"], vocab_size=arch.vocab_size,
-                                 micro_batch_size=cfg.data.micro_batch_size)
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (writer.records, writer.bytes) if writer is not None else None)
-    result = {}
-    if rt.is_rank0:
-        shards = [r for g in gathered if g is not None for r in g[0]]
-        written = sum(g[1] for g in gathered if g is not None)
-        covered = sorted(rng for r in shards for rng in map(tuple, r["ranges"]))
-        if _ranges_total(covered) != total:
-            raise MegaslimError(f"internal: the shards cover {_ranges_total(covered)} samples, expected {total}")
-        shards_partial.rename(out / SHARDS)
-        shutil.rmtree(out / TOKENIZER, ignore_errors=True)
-        p["tokenizer"].save_pretrained(str(out / TOKENIZER))  # the one the logits were made with
-        result = {
-            "format": FORMAT, "version": VERSION, "teacher": p["identity"],
-            "data": {**p["data"], "seed": t.seed, "seq_length": seq, "dataset_num_samples": total},
-            "top_k": k, "dtype": settings.dtype, "num_samples": total, "shards": shards,
-            "teacher_eval": {"loss": teacher_eval["loss"], "eval_path": str(p["eval_path"]),
-                             "num_samples": cfg.eval.num_samples, "seq_length": seq},
-            "stats": {"seconds": round(timer.seconds, 2), "bytes": written, "tokens": total * seq,
-                      "bytes_per_token": written / (total * seq)},
-            "created_with": {"tensor_model_parallel_size": rt.tp, "pipeline_model_parallel_size": rt.pp,
-                             "world_size": rt.world_size},
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        mio.write_json(out / INDEX, result)  # last: from now on the store is complete
-    dist.barrier()
-    report.summary_table("megaslim teacher_logits", [
-        ("teacher", f"{p['source'].label} ({arch.num_params():,} params)"),
-        ("samples x tokens", f"{total} x {seq}"),
-        ("top-k / dtype", f"{k} / {settings.dtype}"),
-        ("teacher held-out loss", teacher_eval["loss"]),
-        ("stored bytes / token", round(result["stats"]["bytes_per_token"], 1) if result else "-"),
-        ("seconds", round(timer.seconds, 1)), ("outputs", out),
-    ])
-    return result
+def finish_store(out: Path, tokenizer, fields: dict, *, num_samples: int) -> dict:
+    """Put the written shards and the tokenizer in place, then write the index (last: from then on
+    the store is complete). `fields` holds the index entries after format and version."""
+    covered = sorted(rng for r in fields["shards"] for rng in map(tuple, r["ranges"]))
+    if _ranges_total(covered) != num_samples:
+        raise MegaslimError(f"internal: the shards cover {_ranges_total(covered)} samples, expected {num_samples}")
+    mio.swap_dir(partial_shards(out), out / SHARDS)
+    tok_partial = out / (TOKENIZER + ".partial")
+    shutil.rmtree(tok_partial, ignore_errors=True)
+    tokenizer.save_pretrained(str(tok_partial))  # the one the logits were made with
+    mio.swap_dir(tok_partial, out / TOKENIZER)
+    index = {"format": FORMAT, "version": VERSION, **fields}
+    mio.write_json(out / INDEX, index)
+    return index
 
 
 def _ranges_total(ranges) -> int:

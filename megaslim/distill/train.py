@@ -12,10 +12,19 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megaslim import checkpoint as ckpt
 from megaslim.config import Config
-from megaslim.distill import losses
+from megaslim.distill import fp8, losses
+from megaslim.distill.model import DistillModel
+from megaslim.distill.offline import offline_topk_kl_per_token
 from megaslim.errors import MegaslimError
+from megaslim.eval import evaluate_rows
+from megaslim.figures import pyplot, save_png
 from megaslim.model.arch import ModelArch
+from megaslim.model.compat import prepare_distributed_optimizer_for_load
+from megaslim.model.logits import vocab_parallel_ce
+from megaslim.sparsity.apply import MASKS_KEY
+from megaslim.sparsity.train import MaskKeeper, check_resume
 
 
 @dataclass
@@ -109,10 +118,9 @@ def pair_metric_key(kind: str, s: int, t: int) -> str:
     return f"{'contrastive' if kind == 'contrastive' else 'hidden'}_{s}_{t}"
 
 
-def _finite_or_raise(value: float, step: int, ckpt_root: Path) -> None:
+def finite_or_raise(value: float, step: int, ckpt_root: Path) -> None:
+    """Stop a run whose loss is no longer finite, naming its last good checkpoint."""
     if not math.isfinite(value):
-        from megaslim import checkpoint as ckpt
-
         last = ckpt.latest_iteration(ckpt_root) if ckpt_root.exists() else None
         raise MegaslimError(f"non-finite loss ({value}) at step {step}; stopping. Last good checkpoint: "
                             f"{ckpt_root / ckpt.iter_name(last) if last is not None else 'none'}")
@@ -144,8 +152,6 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megaslim.distill.model import DistillModel
-
         self.cfg, self.models, self.tokenizer_dir, self.eval_rows = cfg, models, tokenizer_dir, eval_rows
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoint"
@@ -155,17 +161,13 @@ class Trainer:
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
         student = models.student
         student.train()
-        from megaslim.sparsity.train import MaskKeeper  # a sparse student's masks (None: dense), applied now
-
-        self.sparsity = MaskKeeper.from_checkpoint(student, student_checkpoint)
+        self.sparsity = MaskKeeper.from_checkpoint(student, student_checkpoint)  # None: dense; applied now
         self.projection = attach_projection(cfg, models)  # in DDP's buffers and the optimizer, see PROJECTION
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=self.dp > 1)
         self.ddp = DistributedDataParallel(student.config, ddp_config, student)
         self.offline = offline
         self.lm_only = not offline and lm_only(cfg)
-        from megaslim.distill import fp8
-
         settings = fp8.settings_from_config(cfg)
         self.fp8 = fp8.Fp8Context(settings) if settings is not None else None
         teacher = None if (offline or self.lm_only) else models.teacher
@@ -216,8 +218,6 @@ class Trainer:
             self.projection.weight.copy_(loaded_extra[PROJECTION]["weight"])
 
     def save(self) -> Path:
-        from megaslim import checkpoint as ckpt
-
         extra = {"consumed_samples": self.consumed_samples, "scheduler": self.scheduler.state_dict(),
                  "global_batch_size": self.cfg.train.global_batch_size, "kind": "distill",
                  "projection": needs_projection(self.cfg, self.models.student_arch, self.models.teacher_arch),
@@ -229,8 +229,6 @@ class Trainer:
                                                    **(self.sparsity.sharded() if self.sparsity is not None else {})})
 
     def try_resume(self) -> bool:
-        from megaslim import checkpoint as ckpt
-
         if not (self.cfg.resume and ckpt.is_checkpoint(self.ckpt_root)):
             return False
         meta = ckpt.read_meta(self.ckpt_root)
@@ -241,9 +239,6 @@ class Trainer:
             raise MegaslimError(
                 f"resume: the checkpoint ran with train.global_batch_size={extra.get('global_batch_size')}, "
                 f"this config has {self.cfg.train.global_batch_size}")
-        from megaslim.model.compat import prepare_distributed_optimizer_for_load
-        from megaslim.sparsity.train import check_resume
-
         sparse = check_resume(meta, self.sparsity, self.ckpt_root)  # a sparse run resumes with its masks only
         check_projection_resume(extra, needs_projection(self.cfg, self.models.student_arch, self.models.teacher_arch),
                                 self.ckpt_root)
@@ -252,8 +247,6 @@ class Trainer:
                               sharded_extra={"optimizer": self._optimizer_sharded(True), **self._projection_extra(),
                                              **(self.sparsity.load_request() if sparse else {})})
         if sparse:
-            from megaslim.sparsity.apply import MASKS_KEY
-
             self.sparsity.set_masks({k: v.bool() for k, v in meta["loaded_extra"][MASKS_KEY].items()})
         self._restore_projection(meta["loaded_extra"])
         self.optimizer.load_state_dict(meta["loaded_extra"]["optimizer"])
@@ -267,8 +260,6 @@ class Trainer:
         mask = batch["loss_mask"]
         d = self.cfg.distill
         if self.offline:
-            from megaslim.distill.offline import offline_topk_kl_per_token
-
             kd = losses.masked_mean(offline_topk_kl_per_token(
                 student_logits=s_logits, topk_idx=batch["teacher_topk_idx"], topk_logp=batch["teacher_topk_logp"],
                 vocab_size=self.models.student_arch.vocab_size, temperature=d.logit_kl_temperature,
@@ -282,9 +273,8 @@ class Trainer:
                                       top_k=d.top_k if d.kl == "topk" else None)
         lm = None
         if not d.skip_lm_loss:
-            from megaslim.model.logits import vocab_parallel_ce
-
-            lm = losses.masked_mean(vocab_parallel_ce(s_logits, batch["labels"], self.models.student_arch.vocab_size), mask)
+            vocab = self.models.student_arch.vocab_size
+            lm = losses.masked_mean(vocab_parallel_ce(s_logits, batch["labels"], vocab), mask)
         inter = {}
         for s, t in self.pairs:  # self.projection: None for cosine/mse at equal widths
             inter[pair_metric_key(d.intermediate_loss, s, t)] = losses.intermediate_loss(
@@ -354,8 +344,6 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model, arch) -> dict:
-        from megaslim.eval import evaluate_rows
-
         model.eval()
         try:
             return evaluate_rows(model, self.eval_rows, vocab_size=arch.vocab_size,
@@ -374,8 +362,6 @@ def write_metrics(path: Path, record: dict) -> None:
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Optional[Path]:
-    from megaslim.figures import pyplot, save_png
-
     plt = pyplot()
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]

@@ -5,14 +5,17 @@ import time
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from megaslim.config import ImportanceConfig
 from megaslim.errors import MegaslimError
+from megaslim.eval import evaluate_rows
 from megaslim.importance.hooks import CalibContext, attach_hooks
 from megaslim.importance.reduce import reduce_scores
 from megaslim.importance.scores import ImportanceScores
 from megaslim.model.arch import ModelArch
 from megaslim.model.forward import make_microbatches, run_forward
+from megaslim.runtime.layout import ParallelLayout
 
 
 def check_importance_spec(transformer_impl: str) -> None:
@@ -25,21 +28,14 @@ def check_importance_spec(transformer_impl: str) -> None:
 
 
 def _progress(total: int, desc: str):
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", disable=dist.get_rank() != 0, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="batch", disable=not ParallelLayout.is_writer(), dynamic_ncols=True)
 
 
 def activation_scores(model, arch: ModelArch, rows: torch.Tensor, cfg: ImportanceConfig, *,
                       micro_batch_size: int) -> dict[str, torch.Tensor]:
     """Heads, query groups, neurons, channels and Block Importance from one pass over `rows`
     (the full calibration set; each DP rank takes rows r::dp)."""
-    from megatron.core import parallel_state as ps
-
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = rows[dp_rank::dp]
-    batches = make_microbatches(mine, micro_batch_size)
+    batches = make_microbatches(ParallelLayout.from_groups().shard_rows(rows), micro_batch_size)
     ctx = CalibContext()
     bar = _progress(len(batches), "importance")
 
@@ -56,8 +52,6 @@ def activation_scores(model, arch: ModelArch, rows: torch.Tensor, cfg: Importanc
 
 def layer_loss_scores(model, arch: ModelArch, rows: torch.Tensor, *, micro_batch_size: int) -> torch.Tensor:
     """LM loss with layer l skipped minus the baseline loss, for every layer (one pass per layer)."""
-    from megaslim.eval import evaluate_rows
-
     def run():
         return evaluate_rows(model, rows, vocab_size=arch.vocab_size, micro_batch_size=micro_batch_size)["loss"]
 

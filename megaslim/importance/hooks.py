@@ -1,7 +1,8 @@
 """Forward hooks that accumulate activation statistics from outside megatron-core's modules.
 
-Each hook is an object with accumulate / reset / state_dict / load_state_dict; `attach_hooks` returns
-a `HookSet` that must be removed (use it as a context manager: removal happens in `finally`).
+Each hook accumulates its statistics and gives them as one `packed()` tensor to reduce across ranks;
+`attach_hooks` returns a `HookSet` that must be removed (use it as a context manager: removal happens
+in `finally`).
 Hooks see only this rank's shard: TP-sharded signals (heads, neurons) are local slices, PP stages see
 only their own layers; `megaslim.importance.reduce` assembles the full logical scores.
 """
@@ -32,10 +33,6 @@ class _Hook:
         self.module, self.ctx, self.layer = module, ctx, layer
         self.handle = None
 
-    @property
-    def key(self) -> str:
-        return self.kind if self.layer is None else f"{self.kind}.{self.layer}"
-
     def remove(self) -> None:
         if self.handle is not None:
             self.handle.remove()
@@ -53,15 +50,9 @@ class MagnitudeHook(_Hook):
     def accumulate(self, mag: torch.Tensor) -> None:
         self.stats.add(self.ctx.rows(seq_reduce(mag, self.seq_agg)))
 
-    def reset(self) -> None:
-        self.stats = SampleStats(self.stats.sum.numel())
-
-    def state_dict(self) -> dict:
-        return {"packed": self.stats.packed()}
-
-    def load_state_dict(self, state: dict) -> None:
-        p = state["packed"]
-        self.stats.count, self.stats.sum, self.stats.sumsq = p[0, 0].clone(), p[:, 1].clone(), p[:, 2].clone()
+    def packed(self) -> torch.Tensor:
+        """[n, 3] (count, sum, sumsq) over this rank's samples (SampleStats.packed)."""
+        return self.stats.packed()
 
 
 class HeadHook(MagnitudeHook):
@@ -114,10 +105,6 @@ class NormHook(MagnitudeHook):
         self.handle = norm.register_forward_hook(
             lambda m, args, out: self.accumulate((out[0] if isinstance(out, tuple) else out).detach()))
 
-    @property
-    def key(self) -> str:
-        return f"channels.{self.name}"
-
 
 class BlockImportanceHook(_Hook):
     """Block Importance (ShortGPT): 1 - cos(hidden in, hidden out), summed over real tokens."""
@@ -125,7 +112,8 @@ class BlockImportanceHook(_Hook):
 
     def __init__(self, layer_module, ctx, layer):
         super().__init__(layer_module, ctx, layer)
-        self.reset()
+        self.total = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
         self.handle = layer_module.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs, output):
@@ -139,18 +127,9 @@ class BlockImportanceHook(_Hook):
         self.total += dist.sum().cpu()
         self.count += dist.numel()
 
-    def accumulate(self, *_):  # accumulation happens in the hook itself
-        pass
-
-    def reset(self) -> None:
-        self.total = torch.zeros((), dtype=torch.float64)
-        self.count = torch.zeros((), dtype=torch.float64)
-
-    def state_dict(self) -> dict:
-        return {"packed": torch.stack([self.total, self.count])}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.total, self.count = state["packed"][0].clone(), state["packed"][1].clone()
+    def packed(self) -> torch.Tensor:
+        """[2] (sum of 1 - cos, token count) over this rank's samples."""
+        return torch.stack([self.total, self.count])
 
 
 @dataclass
@@ -160,17 +139,6 @@ class HookSet:
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
-
-    def reset(self) -> None:
-        for h in self.hooks:
-            h.reset()
-
-    def state_dict(self) -> dict:
-        return {h.key: h.state_dict() for h in self.hooks}
-
-    def load_state_dict(self, state: dict) -> None:
-        for h in self.hooks:
-            h.load_state_dict(state[h.key])
 
     def of_kind(self, kind: str) -> list:
         return [h for h in self.hooks if h.kind == kind]

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megaslim.figures import pyplot, save_png
 from megaslim.importance.scores import ImportanceScores
 
 
 def plot_importance(scores: ImportanceScores, out_dir: str | Path) -> list[Path]:
-    from megaslim.figures import pyplot
-
     plt = pyplot()
 
     out = Path(out_dir)
@@ -19,7 +18,7 @@ def plot_importance(scores: ImportanceScores, out_dir: str | Path) -> list[Path]
     im = ax.imshow(scores.heads.numpy(), aspect="auto", cmap="viridis")
     ax.set(xlabel="head", ylabel="layer", title="attention head importance")
     fig.colorbar(im, ax=ax)
-    paths.append(_save(fig, out / "importance_heads.png"))
+    paths.append(save_png(fig, out / "importance_heads.png"))
 
     metrics = [("layer_bi", "Block Importance (1 - cos)")]
     if scores.layer_loss is not None:
@@ -29,7 +28,7 @@ def plot_importance(scores: ImportanceScores, out_dir: str | Path) -> list[Path]
         v = getattr(scores, name).numpy()
         ax.bar(range(len(v)), v, color="tab:blue")
         ax.set(xlabel="layer", title=title)
-    paths.append(_save(fig, out / "importance_layers.png"))
+    paths.append(save_png(fig, out / "importance_layers.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     n = scores.neurons
@@ -39,11 +38,5 @@ def plot_importance(scores: ImportanceScores, out_dir: str | Path) -> list[Path]
     c = scores.channels.sort(descending=True).values.numpy()
     axes[1].plot(c)
     axes[1].set(xlabel="channel rank", ylabel="score", title=f"embedding channel scores (hidden {len(c)})")
-    paths.append(_save(fig, out / "importance_distributions.png"))
+    paths.append(save_png(fig, out / "importance_distributions.png"))
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    from megaslim.figures import save_png
-
-    return save_png(fig, path)

@@ -5,34 +5,11 @@ After `reduce_scores` every rank holds the same full [layers, ...] tensors whate
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megaslim.importance.hooks import HookSet
 from megaslim.importance.stats import SampleStats
 from megaslim.model.arch import ModelArch
-
-
-def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    t = t.to(_device())
-    dist.all_reduce(t, group=group)
-    return t.cpu()
-
-
-def _tp_gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate per-rank [n_local, ...] blocks in TP rank order (each rank holds a contiguous block)."""
-    from megatron.core import parallel_state as ps
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return t
-    t = t.to(_device()).contiguous()
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t, group=ps.get_tensor_model_parallel_group())
-    return torch.cat([p.cpu() for p in parts], 0)
+from megaslim.runtime.layout import ParallelLayout
 
 
 def reduce_scores(hooks: HookSet, arch: ModelArch, *, batch_agg: str) -> dict[str, torch.Tensor]:
@@ -47,18 +24,19 @@ def reduce_scores(hooks: HookSet, arch: ModelArch, *, batch_agg: str) -> dict[st
 
     for kind, target in (("heads", heads), ("neurons", neurons)):
         for h in hooks.of_kind(kind):
-            packed = _tp_gather(_all_reduce(h.stats.packed(), dp_group))
+            # each TP rank holds a contiguous block of the heads / neurons
+            packed = ParallelLayout.tp_gather(ParallelLayout.all_reduce(h.packed(), dp_group), 0)
             target[h.layer] = SampleStats.finalize(packed, batch_agg)
     for h in hooks.of_kind("channels"):
         # replicated under TP: every TP rank holds the same statistics, so no TP sum (no double count)
-        channels += SampleStats.finalize(_all_reduce(h.stats.packed(), dp_group), batch_agg)
+        channels += SampleStats.finalize(ParallelLayout.all_reduce(h.packed(), dp_group), batch_agg)
     for h in hooks.of_kind("layer_bi"):
-        total, count = _all_reduce(h.state_dict()["packed"], dp_group)
+        total, count = ParallelLayout.all_reduce(h.packed(), dp_group)
         bi[h.layer] = total / count
 
     # Each pipeline stage filled only its own layers (zeros elsewhere): a PP sum assembles them.
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        heads, neurons, channels, bi = (_all_reduce(t, pp_group) for t in (heads, neurons, channels, bi))
+        heads, neurons, channels, bi = (ParallelLayout.all_reduce(t, pp_group) for t in (heads, neurons, channels, bi))
     groups = heads.reshape(L, arch.num_query_groups, arch.heads_per_group).sum(-1)
     return {"heads": heads, "query_groups": groups, "neurons": neurons, "channels": channels,
             "layer_bi": bi}

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from megaslim import io as mio
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch
 
@@ -45,11 +45,9 @@ class ImportanceScores:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {n: getattr(self, n).float().contiguous() for n in TENSORS if getattr(self, n) is not None}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"settings": json.dumps(self.settings)})
-        os.replace(tmp, path)
+        with mio.atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"settings": json.dumps(self.settings)})
         return path
 
     @classmethod

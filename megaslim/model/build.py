@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from megaslim.config import ModelConfig
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch, check_parallel_layout, check_rope_scaling
+from megaslim.model.compat import mark_tensor_parallel_params
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,8 +121,6 @@ def layer_spec(impl: str, config, arch: ModelArch):
 def _local_layer_norm_1p_block(config, arch: ModelArch):
     """The local layer spec with every norm (the final one too) a `LayerNorm1P`: a block spec, since a
     layer spec would give the final norm megatron's default implementation."""
-    from dataclasses import replace
-
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
@@ -161,8 +161,6 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = F
         rope_scaling=rope_scaling,
         rope_scaling_factor=(arch.rope_scaling or {}).get("factor", 8.0),
     )
-    from megaslim.model.compat import mark_tensor_parallel_params
-
     mark_tensor_parallel_params(model)  # before DDP/optimizer copy the attributes (grad norm, clipping)
     model.arch = arch  # the unpadded description travels with the module
     if torch.cuda.is_available():

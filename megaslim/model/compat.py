@@ -5,6 +5,8 @@ megatron-core no longer needs it.
 """
 from __future__ import annotations
 
+from megaslim.model.layout import Layout, layout_of
+
 
 def prepare_distributed_optimizer_for_load(optimizer) -> None:
     """megatron-core 0.16 DistributedOptimizer without apex/TE (torch Adam, e.g. on CPU):
@@ -44,8 +46,6 @@ def mark_tensor_parallel_params(model) -> None:
     verified here). Attributes already present (initialised weights, Transformer Engine layers, fixed
     releases) are left as they are, so the entry is harmless there; remove it once the minimum
     megatron-core includes that fix."""
-    from megaslim.model.layout import Layout, layout_of
-
     gated = model.config.gated_linear_unit
     for name, param in model.named_parameters():
         layout = layout_of(name, gated=gated)

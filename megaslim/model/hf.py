@@ -17,8 +17,10 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megaslim import io as mio
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch, check_rope_scaling
+from megaslim.model.state import gather_full_state
 
 # HF model_type -> the ModelArch fields it implies (everything else comes from the config's sizes).
 _LLAMA_LIKE = dict(qkv_bias=False, qk_layernorm=False, gated=True, activation="silu", normalization="RMSNorm")
@@ -365,8 +367,6 @@ def export_hf(model, arch: ModelArch, out_dir: str | Path, *, tokenizer_dir: str
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
-    from megaslim.model.state import gather_full_state
-
     out = Path(out_dir)
     partial = out.with_name(out.name + ".partial")
     rank = dist.get_rank()
@@ -399,13 +399,6 @@ def export_hf(model, arch: ModelArch, out_dir: str | Path, *, tokenizer_dir: str
 
             AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(partial))
         (partial / EXPORT_MARKER).write_text(json.dumps({"source": source, "arch": arch.to_dict()}, indent=2))
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            partial.rename(out)
-            shutil.rmtree(old)
-        else:
-            partial.rename(out)
+        mio.swap_dir(partial, out)
     dist.barrier()
     return out

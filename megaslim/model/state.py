@@ -9,9 +9,9 @@ import re
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from megaslim.model.layout import Layout, layout_of, shard, unshard
+from megaslim.runtime.layout import ParallelLayout
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -52,19 +52,12 @@ def load_full_state(model, fetch: Callable[[str], torch.Tensor]) -> None:
 @torch.no_grad()
 def gather_full_state(model, vocab_size: int) -> dict[str, torch.Tensor]:
     """Full logical tensors of this pipeline stage (all-gathered over TP), keyed by global name."""
-    from megatron.core import parallel_state as ps
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    group = ps.get_tensor_model_parallel_group()
     out = {}
     gated = model.config.gated_linear_unit
     for name, param in named_params(model):
         layout = layout_of(name, gated=gated)
         local = param.detach().contiguous()
-        parts = [local]
-        if tp > 1 and layout is not Layout.REPLICATED:
-            parts = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(parts, local, group=group)
+        parts = [local] if layout is Layout.REPLICATED else ParallelLayout.tp_gather_parts(local)
         # kept in the parameter's dtype at every TP size; clone: a replicated tensor must not alias
         out[name] = unshard([p.cpu() for p in parts], layout, vocab_size=vocab_size).clone()
     return out

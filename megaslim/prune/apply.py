@@ -11,11 +11,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from megaslim.config import ModelConfig
 from megaslim.model.arch import ModelArch
+from megaslim.model.build import build_gpt
+from megaslim.model.state import gather_full_state, load_full_state
 from megaslim.prune.plan import PrunePlan
 from megaslim.prune.slicing import prune_state
+from megaslim.runtime.layout import check_layout
 
 
 def _first(plan: PrunePlan | list[PrunePlan]) -> PrunePlan:
@@ -26,9 +31,6 @@ def write_pruned_stage(model, plan: PrunePlan | list[PrunePlan], scratch: Path) 
     """Collective: every rank of this stage joins the TP gather; one rank per stage writes.
     A list of plans (iterative pruning, PP=1) is applied in turn."""
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
-
-    from megaslim.model.state import gather_full_state
 
     if dist.get_rank() == 0:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -45,8 +47,6 @@ class ScratchReader:
     """Lazy access to the pruned full tensors of every stage."""
 
     def __init__(self, scratch: Path):
-        from safetensors import safe_open
-
         self._files = [safe_open(str(f), "pt") for f in sorted(scratch.glob("stage-*.safetensors"))]
         self._where = {k: f for f in self._files for k in f.keys()}
 
@@ -61,8 +61,6 @@ def reinit_parallel(tp: int, pp: int, seed: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from megaslim.runtime.distributed import check_layout
-
     check_layout(dist.get_world_size(), tp, pp)
     if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp):
         return
@@ -73,9 +71,6 @@ def reinit_parallel(tp: int, pp: int, seed: int) -> None:
 
 def build_pruned(plan: PrunePlan, scratch: Path, model_cfg: ModelConfig):
     """The pruned model at the current layout, filled from the scratch files."""
-    from megaslim.model.build import build_gpt
-    from megaslim.model.state import load_full_state
-
     arch: ModelArch = plan.target_arch
     model = build_gpt(arch, model_cfg, init_weights=False)
     load_full_state(model, ScratchReader(scratch))
@@ -87,9 +82,6 @@ def prune_in_memory(model, plan: PrunePlan | list[PrunePlan], model_cfg: ModelCo
     """Pruned copy of `model` without scratch files (pipeline size 1 only: stages would reshape).
     A list of plans is applied in turn."""
     from megatron.core import parallel_state as ps
-
-    from megaslim.model.build import build_gpt
-    from megaslim.model.state import gather_full_state, load_full_state
 
     if ps.get_pipeline_model_parallel_world_size() != 1:
         raise ValueError("prune_in_memory needs PP=1; use write_pruned_stage + build_pruned")

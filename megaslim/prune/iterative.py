@@ -15,12 +15,27 @@ from megaslim.importance.scores import ImportanceScores
 from megaslim.model.arch import ModelArch
 from megaslim.prune.plan import PrunePlan, build_plan
 from megaslim.prune.slicing import _heads_in_order
+from megaslim.prune.student import student_from_plan
 
 
 def _round_multiple(x: float, multiple: int, lo: int, hi: int) -> int:
     """Nearest multiple of `multiple` to x (halves up), within [lo, hi] (both multiples themselves)."""
     v = int(math.floor(x / multiple + 0.5)) * multiple
     return min(max(v, lo), hi)
+
+
+def _between(arch: ModelArch, target: ModelArch, f: float, tp: int) -> ModelArch:
+    """The valid shape a fraction `f` of the way from `arch` to `target` (each dimension rounded)."""
+    def rnd(name: str, multiple: int) -> int:
+        x = getattr(arch, name) + (getattr(target, name) - getattr(arch, name)) * f
+        return _round_multiple(x, multiple, getattr(target, name), getattr(arch, name))
+
+    groups = rnd("num_query_groups", tp)
+    hpg = arch.heads_per_group + (target.heads_per_group - arch.heads_per_group) * f
+    hpg = _round_multiple(hpg, 1, target.heads_per_group, arch.heads_per_group)
+    return replace(arch, num_query_groups=groups, num_attention_heads=groups * hpg,
+                   ffn_hidden_size=rnd("ffn_hidden_size", tp), hidden_size=rnd("hidden_size", 1),
+                   num_layers=rnd("num_layers", 1))
 
 
 def step_shapes(arch: ModelArch, target: ModelArch, steps: int, *, tp: int = 1) -> list[ModelArch]:
@@ -32,23 +47,7 @@ def step_shapes(arch: ModelArch, target: ModelArch, steps: int, *, tp: int = 1) 
         raise MegaslimError(f"prune.iterative={steps} must be >= 1")
     shapes: list[ModelArch] = []
     for i in range(1, steps + 1):
-        f = i / steps
-
-        def lerp(name: str) -> float:
-            return getattr(arch, name) + (getattr(target, name) - getattr(arch, name)) * f
-
-        if i == steps:
-            shape = target
-        else:
-            def rnd(name: str, multiple: int) -> int:
-                return _round_multiple(lerp(name), multiple, getattr(target, name), getattr(arch, name))
-
-            groups = rnd("num_query_groups", tp)
-            hpg = arch.heads_per_group + (target.heads_per_group - arch.heads_per_group) * f
-            hpg = _round_multiple(hpg, 1, target.heads_per_group, arch.heads_per_group)
-            shape = replace(arch, num_query_groups=groups, num_attention_heads=groups * hpg,
-                            ffn_hidden_size=rnd("ffn_hidden_size", tp), hidden_size=rnd("hidden_size", 1),
-                            num_layers=rnd("num_layers", 1))
+        shape = target if i == steps else _between(arch, target, i / steps, tp)
         if shape != (shapes[-1] if shapes else arch):
             shapes.append(shape)
     return shapes
@@ -77,7 +76,7 @@ def compose_plans(plans: list[PrunePlan], *, drop_folds: bool = False) -> PruneP
             neurons[src] = [out.keep_neurons[src][i] for i in nxt.keep_neurons[j]]
         out = PrunePlan(source=out.source, target=nxt.target, keep_layers=layers,
                         keep_channels=[out.keep_channels[c] for c in nxt.keep_channels],
-                        keep_groups=groups, keep_heads=heads, keep_neurons=neurons)
+                        keep_groups=groups, keep_heads=heads, keep_neurons=neurons, fold_mode=out.fold_mode)
     return out
 
 
@@ -92,8 +91,6 @@ def iterative_plans(model, arch: ModelArch, target: ModelArch, steps: int, *,
     `plan_kw` goes to build_plan (layer_metric, contiguous, fold_heads)."""
     from megatron.core import parallel_state as ps
 
-    from megaslim.prune.apply import prune_in_memory
-
     if ps.get_pipeline_model_parallel_world_size() != 1:
         raise MegaslimError("prune.iterative > 1 re-scores the partly pruned model in memory and needs "
                             "parallel.pipeline_model_parallel_size=1 (the written model can still use any PP: "
@@ -107,7 +104,7 @@ def iterative_plans(model, arch: ModelArch, target: ModelArch, steps: int, *,
         plans.append(plan)
         nxt = None
         if i < len(shapes) - 1:
-            nxt = prune_in_memory(cur, plan, model_cfg)
+            nxt = student_from_plan(cur, plan, model_cfg)
             if cur is not model:
                 del cur
             cur, cur_arch = nxt, plan.target_arch

@@ -12,9 +12,14 @@ from typing import Optional
 
 import torch
 
+from megaslim.config import FoldMode
 from megaslim.errors import MegaslimError
 from megaslim.importance.scores import ImportanceScores
+from megaslim.io import atomic_write_text
 from megaslim.model.arch import ModelArch
+
+FOLD_MODES = tuple(FoldMode.values())
+DEFAULT_FOLD_MODE = FoldMode.proj_sum.value  # as the config's prune.fold_mode (measured best, docs/pruning.md)
 
 
 @dataclass
@@ -29,7 +34,8 @@ class PrunePlan:
     # Head folding (prune.fold_heads; see slicing.fold_tensor): source layer -> {kept head: [pruned heads of
     # the same query group folded into it]}, global head indices. Empty: no folding.
     fold_heads: dict[int, dict[int, list[int]]] = field(default_factory=dict)
-    fold_mode: str = "laco"  # laco: W_k += sum_p (W_p - W_k) on q rows and proj columns | proj_sum
+    # proj_sum: W_k += sum_p W_p on proj columns | laco: W_k += sum_p (W_p - W_k) on q rows and proj columns
+    fold_mode: str = DEFAULT_FOLD_MODE
 
     @property
     def source_arch(self) -> ModelArch:
@@ -49,11 +55,10 @@ class PrunePlan:
             d[k] = {int(layer): v for layer, v in d[k].items()}
         d["fold_heads"] = {int(layer): {int(k): v for k, v in m.items()}
                            for layer, m in d.get("fold_heads", {}).items()}
+        d.setdefault("fold_mode", "laco")  # plans written before the key existed folded the laco way
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
-        from megaslim.commands.cli import atomic_write_text
-
         return atomic_write_text(path, self.to_json())
 
     @classmethod
@@ -139,9 +144,6 @@ def choose_layers(scores: Optional[ImportanceScores], arch: ModelArch, num_layer
     return _topk_sorted(imp, num_layers)
 
 
-FOLD_MODES = ("laco", "proj_sum")
-
-
 def fold_assignment(head_scores: torch.Tensor, groups: list[int], heads: list[int], n: int) -> dict[int, list[int]]:
     """Which kept head receives which pruned heads, inside each kept query group (pruned whole groups are
     not folded). Mirror pairing around the cut (our choice; the paper does not pin it down): the most
@@ -161,8 +163,9 @@ def fold_assignment(head_scores: torch.Tensor, groups: list[int], heads: list[in
 def build_plan(arch: ModelArch, target: ModelArch, scores: Optional[ImportanceScores], *,
                drop_layers: list[int] = (), layer_metric: str = "bi", contiguous: bool = False,
                fold_heads: bool | str = False) -> PrunePlan:
-    """fold_heads: False, True (= "laco") or a mode of FOLD_MODES; see slicing.fold_tensor."""
-    fold_mode = "laco" if fold_heads is True else (fold_heads or "laco")
+    """fold_heads: False (no folding), a mode of FOLD_MODES, or True (= "laco", what a bare True meant
+    before proj_sum existed); see slicing.fold_tensor."""
+    fold_mode = "laco" if fold_heads is True else str(fold_heads or DEFAULT_FOLD_MODE)  # a FoldMode: its value
     if fold_mode not in FOLD_MODES:
         raise MegaslimError(f"unknown head folding mode {fold_heads!r}; one of {FOLD_MODES}")
     keep_layers = choose_layers(scores, arch, target.num_layers, drop_layers=list(drop_layers),

@@ -3,24 +3,32 @@
 As ModelOpt's Minitron search: enumerate the shapes whose parameter count is within the budget, each
 axis pruned by at most `max_width_pruning` (hidden, ffn, heads) or `max_depth_pruning` (layers); keep
 the `top_k` nearest the budget; prune each from the same importance scores, give it a short
-distillation from the unpruned model (the paper: light retraining stabilises the ranking), and pick
-the lowest held-out loss. Enumeration is plain arithmetic on the shape, so bad budgets fail before any
-compute.
+distillation from the unpruned model (the paper: light retraining stabilises the ranking; the command
+passes it in, this library does not train), and pick the lowest held-out loss. Enumeration is plain
+arithmetic on the shape, so bad budgets fail before any compute.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from megaslim import report
 from megaslim.errors import MegaslimError
+from megaslim.eval import evaluate_rows
 from megaslim.model.arch import ModelArch, check_parallel_layout
+from megaslim.prune.plan import build_plan
+from megaslim.prune.student import student_from_plan
 
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
 _ALIGN = 8  # ffn sizes (and Nemotron's hidden) are multiples of 8: tensor-core friendly
+# A candidate's short training: (student, student_arch, candidate index) -> held-out loss after.
+Train = Callable[[object, ModelArch, int], float]
 
 
 def _width_values(size: int, search, divisor: int) -> list[int]:
@@ -48,7 +56,8 @@ def enumerate_shapes(arch: ModelArch, search, *, tps: tuple[int, ...] = (1,), pp
     skip = set(search.hparams_to_skip)
     tp = max(_lcm(a, b) for a in tps for b in tps)
     L = arch.num_layers
-    layers = [L] if "num_layers" in skip else list(range(L, max(1, math.ceil(L * (1 - search.max_depth_pruning))) - 1, -1))
+    lowest_depth = max(1, math.ceil(L * (1 - search.max_depth_pruning)))
+    layers = [L] if "num_layers" in skip else list(range(L, lowest_depth - 1, -1))
     g, n = arch.num_query_groups, arch.heads_per_group
     per_group = [n] if "num_attention_heads" in skip else \
         list(range(n, max(1, math.ceil(n * (1 - search.max_width_pruning))) - 1, -1))
@@ -89,8 +98,8 @@ def candidates(arch: ModelArch, budget: float, search, *, tps: tuple[int, ...] =
                             f"{total:,} parameters: nothing to prune")
     shapes = enumerate_shapes(arch, search, tps=tps, pp=pp, input_multiple=input_multiple)
     if not shapes:
-        raise MegaslimError(f"prune.search allows no shape valid at TP {tps}, PP {pp}"
-                            + (f" with inputs divisible by {input_multiple} (2:4 sparsity)" if input_multiple > 1 else ""))
+        sparse = f" with inputs divisible by {input_multiple} (2:4 sparsity)" if input_multiple > 1 else ""
+        raise MegaslimError(f"prune.search allows no shape valid at TP {tps}, PP {pp}{sparse}")
     fit = [s for s in shapes if s.num_params() <= budget]
     if not fit:
         smallest = min(shapes, key=lambda a: a.num_params())
@@ -124,71 +133,31 @@ class Ranked:
                 "trained_loss": self.trained_loss, "seconds": self.seconds}
 
 
-def _short_distill(cfg, student, student_arch, teacher, teacher_arch, eval_rows, train_prefix, tokenizer,
-                   out_dir: Path) -> float:
-    """`prune.search.train_iters` steps of the configured distillation; the held-out loss after."""
-    from megatron.core import parallel_state as ps
-
-    from megaslim.data.loaders import train_micro_batches
-    from megaslim.distill.train import Models, Trainer, step_batches
-
-    iters = cfg.prune.search.train_iters
-    c = copy.deepcopy(cfg)
-    c.output_dir, c.resume = str(out_dir), False
-    c.train.train_iters, c.train.lr_decay_iters = iters, None
-    c.train.warmup_iters = min(c.train.warmup_iters, iters // 2)  # a high peak LR without warmup hurts
-    t = c.train
-    trainer = Trainer(c, Models(student, student_arch, teacher, teacher_arch), tokenizer_dir=None,
-                      eval_rows=eval_rows)
-    # the same batches (same seed) for every candidate: a fair comparison
-    data = train_micro_batches(train_prefix, tokenizer, seq_length=c.data.seq_length,
-                               micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-                               train_iters=iters, dp_rank=ps.get_data_parallel_rank(),
-                               dp_size=ps.get_data_parallel_world_size(), seed=t.seed, consumed_samples=0,
-                               cache_path=Path(cfg.output_dir) / "search" / "data_cache")
-    for _ in range(iters):
-        trainer.train_step(step_batches(data, trainer.num_micro))
-    return trainer.evaluate(student, student_arch)["loss"]
-
-
-def rank(cfg, model, arch: ModelArch, shapes: list[ModelArch], scores, eval_rows, *, train_prefix=None,
-         tokenizer=None, out_dir: Path) -> list[Ranked]:
-    """Prune every candidate from `scores` (in memory, PP=1), optionally distil it briefly, evaluate;
+def rank(cfg, model, arch: ModelArch, shapes: list[ModelArch], scores, eval_rows, *,
+         train: Optional[Train] = None) -> list[Ranked]:
+    """Prune every candidate from `scores` (in memory, PP=1), evaluate it, optionally give it
+    `train(student, student_arch, i)` (the command's short distillation; returns the held-out loss after);
     best (lowest held-out loss) first."""
-    from tqdm import tqdm
-
-    from megaslim import report
-    from megaslim.eval import evaluate_rows
-    from megaslim.prune.apply import prune_in_memory
-    from megaslim.prune.plan import build_plan
-
     p = cfg.prune
     out = []
     for i, shape in enumerate(tqdm(shapes, desc="search", disable=not report.is_rank0(), dynamic_ncols=True)):
         t0 = time.time()
         plan = build_plan(arch, shape, scores, layer_metric=p.layer_metric, contiguous=p.drop_contiguous,
                           fold_heads=p.fold_heads and p.fold_mode)
-        student = prune_in_memory(model, plan, cfg.model)
+        student = student_from_plan(model, plan, cfg.model)
         pruned = evaluate_rows(student, eval_rows, vocab_size=arch.vocab_size,
                                micro_batch_size=cfg.data.micro_batch_size)["loss"]
-        trained = None
-        if p.search.train_iters > 0:
-            trained = _short_distill(cfg, student, plan.target_arch, model, arch, eval_rows, train_prefix,
-                                     tokenizer, out_dir / f"candidate{i}")
-        model.eval()
+        trained = None if train is None else train(student, plan.target_arch, i)
+        model.eval()  # the short distillation may have switched the teacher to train mode
         out.append(Ranked(plan.target_arch, pruned, trained, time.time() - t0))
         del student
     return sorted(out, key=lambda r: (r.loss, -r.arch.num_params()))
 
 
 def table(ranked: list[Ranked], budget: float, iters: int) -> None:
-    from megaslim import report
-
+    """The ranking, printed on rank 0."""
     if not report.is_rank0():
         return
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"megaslim prune: shapes within {budget / 1e6:.2f}M params, best held-out loss first")
     for col in ("#", "layers", "hidden", "ffn", "heads", "params", "pruned",
                 f"+{iters} steps" if iters else "-", "s"):

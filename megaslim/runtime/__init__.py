@@ -9,7 +9,8 @@ from megaslim.runtime.distributed import (
 )
 from megaslim.runtime.layout import ParallelLayout, launcher_world_size
 
-__all__ = ["ParallelLayout", "Runtime", "launcher_world_size", "apply_cpu_shims", "destroy", "init_runtime", "main_guard", "rank0_print"]
+__all__ = ["ParallelLayout", "Runtime", "launcher_world_size", "apply_cpu_shims", "destroy", "init_runtime",
+           "main_guard", "rank0_print"]
 
 import warnings as _warnings
 

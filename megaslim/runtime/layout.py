@@ -57,6 +57,22 @@ class ParallelLayout:
                          world_size=world_size, target_tp=cfg.prune.target_tensor_model_parallel_size,
                          target_pp=cfg.prune.target_pipeline_model_parallel_size)
 
+    @classmethod
+    def from_groups(cls) -> "ParallelLayout":
+        """The layout the live process groups form (the prune targets once a run switched to them);
+        all ones when model parallelism is not initialized. For libraries that run on the current groups."""
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            return cls()
+        return cls(dist.get_world_size(), ps.get_tensor_model_parallel_world_size(),
+                   ps.get_pipeline_model_parallel_world_size(), ps.get_data_parallel_world_size())
+
+    @property
+    def target_dp(self) -> int:
+        """Data-parallel size at the prune targets' layout (the current one where a target is unset)."""
+        return self.world_size // ((self.target_tp or self.tp) * (self.target_pp or self.pp))
+
     def check_global_batch(self, global_batch_size: int, micro_batch_size: int) -> int:
         """Micro-batches per step per DP rank, or a clear error when the global batch does not split."""
         if global_batch_size % (micro_batch_size * self.dp):
@@ -97,20 +113,21 @@ class ParallelLayout:
         return t.cpu()
 
     @staticmethod
-    def tp_gather_parts(t: torch.Tensor) -> list[torch.Tensor]:
-        """Every TP rank's copy of `t`, in TP rank order (CPU tensors)."""
+    def tp_gather_parts(t: torch.Tensor, *, cpu: bool = True) -> list[torch.Tensor]:
+        """Every TP rank's copy of `t`, in TP rank order: CPU tensors, or (`cpu=False`) on the
+        collective device, for callers that keep computing there. `[t]` itself at TP=1."""
         from megatron.core import parallel_state as ps
 
-        tp = ps.get_tensor_model_parallel_world_size()
+        tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
         if tp == 1:
             return [t]
         t = t.to(device()).contiguous()
         parts = [torch.empty_like(t) for _ in range(tp)]
         dist.all_gather(parts, t, group=ps.get_tensor_model_parallel_group())
-        return [p.cpu() for p in parts]
+        return [p.cpu() for p in parts] if cpu else parts
 
     @classmethod
-    def tp_gather(cls, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    def tp_gather(cls, t: torch.Tensor, dim: int = 0, *, cpu: bool = True) -> torch.Tensor:
         """Concatenate each TP rank's contiguous block along `dim` in TP rank order."""
-        parts = cls.tp_gather_parts(t)
+        parts = cls.tp_gather_parts(t, cpu=cpu)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from megaslim.errors import MegaslimError
-from megaslim.sparsity.apply import MASKS_KEY, apply_masks, checkpoint_sparsity, load_masks, sharded_masks
+from megaslim.sparsity.apply import apply_masks
+from megaslim.sparsity.store import MASKS_KEY, checkpoint_sparsity, load_masks, sharded_masks
 
 
 class MaskKeeper:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from megaslim.errors import MegaslimError
 from megaslim.importance.hooks import CalibContext
 from megaslim.model.forward import make_microbatches, run_forward
-from megaslim.sparsity.apply import local_linears
+from megaslim.runtime.layout import ParallelLayout
+from megaslim.sparsity.linears import local_linears
 
 
 class InputNormHook:
@@ -40,17 +42,28 @@ class InputNormHook:
 def input_norms(model, rows: torch.Tensor, *, micro_batch_size: int) -> dict[str, torch.Tensor]:
     """{weight parameter name: ||X_j||_2 [in_local] float64} for this rank's decoder linears, from the
     full calibration `rows` (each DP rank takes rows r::dp; the squared sums are all-reduced over DP)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = rows[dp_rank::dp]
+    layout = ParallelLayout.from_groups()
+    mine = layout.shard_rows(rows)
     if mine.shape[0] == 0:
-        from megaslim.errors import MegaslimError
-
         raise MegaslimError(f"wanda needs calibration rows on every data-parallel rank: {rows.shape[0]} "
-                            f"rows for DP={dp}; raise importance.num_samples")
-    batches = make_microbatches(mine, micro_batch_size)
+                            f"rows for DP={layout.dp}; raise importance.num_samples")
+    sumsq = _input_sumsq(model, mine, seq_length=rows.shape[1] - 1, micro_batch_size=micro_batch_size)
+    names = sorted(sumsq)
+    flat = torch.cat([sumsq[n] for n in names])
+    if layout.dp > 1:
+        from megatron.core import parallel_state as ps
+
+        flat = ParallelLayout.all_reduce(flat, group=ps.get_data_parallel_group())
+    out, i = {}, 0
+    for n in names:
+        k = sumsq[n].numel()
+        out[n] = flat[i:i + k].sqrt()
+        i += k
+    return out
+
+
+def _input_sumsq(model, rows: torch.Tensor, *, seq_length: int, micro_batch_size: int) -> dict[str, torch.Tensor]:
+    """{weight name: sum over this rank's real tokens of x_j^2}: one forward pass with the hooks on."""
     ctx = CalibContext()
     hooks: dict[str, InputNormHook] = {}
 
@@ -60,21 +73,9 @@ def input_norms(model, rows: torch.Tensor, *, micro_batch_size: int) -> dict[str
     try:
         for lin in local_linears(model):
             hooks[lin.param_name] = InputNormHook(lin.module, ctx)
-        run_forward(model, batches, lambda b, o: {}, seq_length=rows.shape[1] - 1,
+        run_forward(model, make_microbatches(rows, micro_batch_size), lambda b, o: {}, seq_length=seq_length,
                     micro_batch_size=micro_batch_size, on_batch=on_batch)
     finally:
         for h in hooks.values():
             h.remove()
-    names = sorted(hooks)
-    flat = torch.cat([hooks[n].sumsq for n in names])
-    if dp > 1:
-        dev = next(model.parameters()).device
-        t = flat.to(dev)
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-        flat = t.cpu()
-    out, i = {}, 0
-    for n in names:
-        k = hooks[n].sumsq.numel()
-        out[n] = flat[i:i + k].sqrt()
-        i += k
-    return out
+    return {n: h.sumsq for n, h in hooks.items()}

@@ -41,7 +41,7 @@ def main():
         if it == hang_at:
             real_save = dist_checkpointing.save
 
-            def save_then_hang(*args, **kwargs):
+            def save_then_hang(*args, real_save=real_save, **kwargs):
                 real_save(*args, **kwargs)
                 (marker / f"rank{rt.rank}.pid").write_text(str(os.getpid()))
                 time.sleep(600)

@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megaslim.distill import logit_kd_per_token
+from megaslim.distill import offline as off
+from megaslim.runtime import init_runtime, main_guard
+
 VOCAB, PADDED = 13, 16  # 3 padded columns: all on the last rank at TP=2
 CASES = [(5, 1.0), (8, 2.0), (13, 0.5)]  # (k, temperature); k = 13: every real token
 
@@ -30,8 +34,6 @@ def make_logits(*shape, seed=0):
 
 def write_store(out: Path, idx, logp, text, *, k, dtype="float32"):
     """A minimal store holding one 'sample' per row of idx/logp [n, S, k]."""
-    from megaslim.distill import offline as off
-
     (out / off.SHARDS).mkdir(parents=True, exist_ok=True)
     w = off.ShardWriter(out / off.SHARDS, tag="000", dtype=dtype, samples_per_shard=2)
     w.add(sample_ids=torch.arange(idx.shape[0]), text=text, topk_idx=idx, topk_logp=logp)
@@ -46,9 +48,6 @@ def write_store(out: Path, idx, logp, text, *, k, dtype="float32"):
 
 def check_all(out: Path, rank: int = 0, tp: int = 1) -> int:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megaslim.distill import logit_kd_per_token
-    from megaslim.distill import offline as off
 
     part = PADDED // tp
     checked = 0
@@ -88,8 +87,6 @@ def check_all(out: Path, rank: int = 0, tp: int = 1) -> int:
 
 
 def main():
-    from megaslim.runtime import init_runtime
-
     out = Path(sys.argv[1])
     rt = init_runtime(tp=2)
     from megatron.core import parallel_state as ps
@@ -99,6 +96,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from megaslim.runtime import main_guard
-
     main_guard(main)

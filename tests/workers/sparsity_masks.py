@@ -13,7 +13,8 @@ from megaslim import checkpoint as ckpt
 from megaslim.config import ModelConfig
 from megaslim.runtime import init_runtime, main_guard
 from megaslim.sources import load_model
-from megaslim.sparsity.apply import MASKS_KEY, compute_masks, sharded_masks
+from megaslim.sparsity.apply import compute_masks
+from megaslim.sparsity.store import MASKS_KEY, sharded_masks
 from megaslim.sparsity.wanda import input_norms
 
 

@@ -1,0 +1,427 @@
+"""The distill command: knowledge distillation of a pruned student from its teacher, at any TP/PP/DP.
+
+torchrun --nproc-per-node N launch/distill.py --config CONFIG [key.sub=value ...]
+`distill.student.load` unset: the student is the teacher pruned by the `prune` section.
+Outputs in <output_dir>: checkpoint/ (torch_dist, resumable with resume=true), metrics.jsonl,
+loss_curve.png, distill.json, tensorboard/.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from megaslim import checkpoint as ckpt
+from megaslim import io as mio
+from megaslim.commands import cli
+from megaslim.config import Config, ModelConfig
+from megaslim.data.calibration import calibration_rows
+from megaslim.data.corpora import data_path
+from megaslim.data.heldout import heldout_rows
+from megaslim.data.indexed import cached_indexed, tokenizer_fingerprint
+from megaslim.data.loaders import train_micro_batches
+from megaslim.distill import fp8
+from megaslim.distill import offline as off
+from megaslim.distill.train import (
+    Models,
+    Trainer,
+    finite_or_raise,
+    lm_only,
+    plot_losses,
+    resolve_pairs,
+    step_batches,
+    write_metrics,
+)
+from megaslim.errors import MegaslimError
+from megaslim.importance.calibrate import compute_importance
+from megaslim.importance.scores import ImportanceScores
+from megaslim.model.arch import ModelArch, check_parallel_layout
+from megaslim.model.hf import check_output_dir, export_hf
+from megaslim.prune.plan import PrunePlan, build_plan, target_shape
+from megaslim.prune.student import student_from_plan
+from megaslim.report import Timer, is_rank0, summary_table
+from megaslim.runtime import ParallelLayout, Runtime
+from megaslim.sources import Source, load_model, resolve_source, source_arch
+from megaslim.tokenizer import load_tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# validate: everything checked and read before any distributed work or compute
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    """What validate() read: sources, shapes, tokenizer, rows; filled teacher side first."""
+    layout: ParallelLayout
+    tokenizer: object
+    teacher_arch: ModelArch  # with offline logits: the arch recorded with them
+    student_arch: Optional[ModelArch] = None
+    teacher_src: Optional[Source] = None  # None: offline teacher logits in `store`
+    store: Optional[off.TopKStore] = None
+    teacher_identity: Optional[dict] = None  # a teacher the config names beside offline logits
+    student_src: Optional[Source] = None  # None: the default student (the teacher pruned now)
+    plan: Optional[PrunePlan] = None  # prune.plan_path's plan for the default student
+    fp8: Optional[fp8.Fp8Settings] = None
+    calib_rows: Optional[torch.Tensor] = None  # importance of the default student, computed now
+    eval_path: Optional[Path] = None
+    eval_rows: Optional[torch.Tensor] = None
+    train_prefix: Optional[str] = None
+
+
+def validate(cfg: Config) -> Inputs:
+    """Every check that needs no compute (layout first), and the sources and rows build() uses."""
+    layout = ParallelLayout.from_config(cfg)  # layout errors come first
+    layout.check_global_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size)
+    _check_schedule(cfg)
+    inp = _validate_teacher(cfg, layout)
+    _validate_student(cfg, inp)
+    _check_pair(cfg, inp)
+    _check_outputs(cfg)
+    _read_data(cfg, inp)
+    return inp
+
+
+def _check_schedule(cfg: Config) -> None:
+    t = cfg.train
+    if t.train_iters < 1:
+        raise MegaslimError("train.train_iters must be >= 1")
+    if t.warmup_iters >= (t.lr_decay_iters or t.train_iters):
+        raise MegaslimError(f"train.warmup_iters={t.warmup_iters} must be smaller than train.lr_decay_iters "
+                            f"(or train.train_iters when unset) = {t.lr_decay_iters or t.train_iters}")
+
+
+def _validate_teacher(cfg: Config, layout: ParallelLayout) -> Inputs:
+    """The teacher (a model, or offline logits: then it is never loaded) and the tokenizer."""
+    store_dir = off.offline_dir(cfg)
+    if store_dir is not None:
+        store = off.TopKStore.open(store_dir)
+        check_offline_config(cfg, store_dir)
+        tokenizer = load_tokenizer(cfg.model, _store_source(store))
+        return Inputs(layout, tokenizer, store.teacher_arch, store=store,
+                      teacher_identity=_named_teacher(cfg, tokenizer))
+    src = resolve_source(cfg.distill.teacher.load or cfg.model.load)
+    arch = source_arch(src)
+    check_parallel_layout(arch, layout.tp, layout.pp)
+    return Inputs(layout, load_tokenizer(cfg.model, src), arch, teacher_src=src)
+
+
+def _validate_student(cfg: Config, inp: Inputs) -> None:
+    """distill.student.load (same tokenizer as the teacher's), else the prune section's shape."""
+    if cfg.distill.student.load:
+        inp.student_src = resolve_source(cfg.distill.student.load)
+        inp.student_arch = source_arch(inp.student_src)
+        if inp.student_src.tokenizer_dir is not None and cfg.model.tokenizer is None:
+            st = load_tokenizer(cfg.model, inp.student_src)
+            if inp.store is not None:
+                inp.store.check(tokenizer=st)
+            elif tokenizer_fingerprint(st) != tokenizer_fingerprint(inp.tokenizer):
+                raise MegaslimError("teacher and student tokenizers differ; distillation needs the same one")
+        return
+    if cfg.prune.sparsity.method:
+        raise MegaslimError("prune.sparsity is applied by launch/prune.py; run it and pass "
+                            "distill.student.load=<its checkpoint> (the masks travel in the checkpoint)")
+    if cfg.prune.plan_path:
+        inp.plan = PrunePlan.load(cfg.prune.plan_path)
+        inp.plan.check_applies_to(inp.teacher_arch)
+        inp.student_arch = inp.plan.target_arch
+        return
+    if cfg.prune.iterative != 1:
+        raise MegaslimError("the default student of distill.py is pruned in one shot; run launch/prune.py "
+                            "with prune.iterative and pass distill.student.load=<its checkpoint>")
+    inp.student_arch = target_shape(inp.teacher_arch, cfg.prune.export_config, tp=inp.layout.tp, hf_export=False)
+
+
+def _check_pair(cfg: Config, inp: Inputs) -> None:
+    """Teacher and student fit each other, the layout, the intermediate pairs and FP8."""
+    s, t, layout = inp.student_arch, inp.teacher_arch, inp.layout
+    if s.vocab_size != t.vocab_size:
+        raise MegaslimError(f"teacher vocab {t.vocab_size} != student vocab {s.vocab_size}")
+    check_parallel_layout(s, layout.tp, layout.pp)
+    resolve_pairs(cfg, s, t, layout.pp)
+    teacher_runs = inp.store is None and not lm_only(cfg)
+    inp.fp8 = fp8.check_fp8(cfg, archs=[("student", s)] + ([("teacher", t)] if teacher_runs else []), tp=layout.tp)
+
+
+def _check_outputs(cfg: Config) -> None:
+    if cfg.export.hf_dir:
+        check_output_dir(Path(cfg.export.hf_dir))
+    root = Path(cfg.output_dir) / "checkpoint"
+    if not ckpt.is_checkpoint(root):
+        ckpt.check_output_dir(root)
+    elif not cfg.resume:
+        raise MegaslimError(f"{root} already holds a checkpoint; set resume=true to continue it or choose "
+                            "another output_dir")
+
+
+def _read_data(cfg: Config, inp: Inputs) -> None:
+    """Calibration rows (default student without plan or scores), held-out rows, the training corpus;
+    offline logits must cover this run."""
+    if inp.student_src is None and inp.plan is None and not cfg.importance.scores_path:
+        inp.calib_rows = calibration_rows(cfg.data.calib_path, inp.tokenizer, num_samples=cfg.importance.num_samples,
+                                          seq_length=cfg.data.seq_length)
+    inp.eval_path = data_path(cfg.data.eval_path, "data.eval_path")  # offline logits record the resolved path
+    inp.eval_rows = heldout_rows(inp.eval_path, inp.tokenizer, seq_length=cfg.data.seq_length,
+                                 num_samples=cfg.eval.num_samples)
+    inp.train_prefix = cached_indexed(data_path(cfg.data.train_path, "data.train_path"), inp.tokenizer)
+    if inp.store is not None:
+        t = cfg.train
+        inp.store.check(tokenizer=inp.tokenizer, seq_length=cfg.data.seq_length, top_k=cfg.distill.top_k,
+                        vocab_size=inp.student_arch.vocab_size, num_samples=t.train_iters * t.global_batch_size,
+                        seed=t.seed, data=off.data_identity(inp.train_prefix), teacher=inp.teacher_identity)
+
+
+def check_offline_config(cfg: Config, store_dir) -> None:
+    """What offline teacher logits cannot do, refused with the reason."""
+    d, problems = cfg.distill, []
+    if d.kl != "topk":
+        problems.append(f"they hold only the teacher's top-k log-probs: set distill.kl=topk (got {d.kl})")
+    if not d.student.load:
+        problems.append("the teacher is not loaded, so it cannot be pruned into the default student: set "
+                        "distill.student.load (e.g. the checkpoint of launch/prune.py)")
+    if d.intermediate_layer_pairs:
+        problems.append("intermediate-state losses need the teacher's hidden states: unset "
+                        "distill.intermediate_layer_pairs")
+    if problems:
+        raise MegaslimError(f"distillation from offline teacher logits ({store_dir}): " + "; ".join(problems))
+
+
+def _store_source(store: off.TopKStore) -> Source:
+    return Source("offline", store.path, store.tokenizer_dir, f"offline teacher logits {store.path}")
+
+
+def _named_teacher(cfg: Config, tokenizer) -> Optional[dict]:
+    """Identity of the teacher model.load names beside offline logits in distill.teacher.load, to refuse
+    logits of another teacher; None when it names none."""
+    named = cfg.model.load
+    if not named or off.is_offline_dir(named):
+        return None
+    src = resolve_source(named)
+    return off.teacher_identity(src, source_arch(src), tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# build: runtime, teacher, student, trainer (resumed when asked), training data
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Built:
+    """The run as built: runtime, models, trainer (resumed when asked), this rank's training data."""
+    rt: Runtime
+    models: Models
+    trainer: Trainer
+    data: Iterator[dict]
+    teacher_label: str
+    tokenizer_dir: object
+    resumed: bool
+    out: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+def _unloaded(model_cfg: ModelConfig) -> ModelConfig:
+    return replace(model_cfg, load=None)  # the source is resolved already
+
+
+def build(cfg: Config, inp: Inputs) -> Built:
+    """Process groups, then teacher and student (the default one pruned now), the trainer and data."""
+    rt = cli.start(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if inp.store is None:
+        teacher, teacher_arch, _ = load_model(_unloaded(cfg.model), inp.teacher_src)
+        teacher_label, tok_dir = inp.teacher_src.label, inp.teacher_src.tokenizer_dir
+    else:  # offline teacher logits
+        teacher, teacher_arch = None, inp.teacher_arch
+        teacher_label, tok_dir = f"offline logits {inp.store.path}", inp.store.tokenizer_dir
+    if inp.student_src is not None:
+        student, student_arch, _ = load_model(_unloaded(cfg.model), inp.student_src)
+    else:
+        student, student_arch = default_student(cfg, teacher, teacher_arch, inp.plan, inp.calib_rows)
+    tok_dir = cfg.model.tokenizer or tok_dir
+    models = Models(student, student_arch, teacher, teacher_arch)
+    src = inp.student_src
+    student_ckpt = src.path if src is not None and src.kind == "checkpoint" else None
+    trainer = Trainer(cfg, models, tokenizer_dir=tok_dir, eval_rows=inp.eval_rows, offline=inp.store is not None,
+                      student_checkpoint=student_ckpt)  # a sparse student keeps its masks
+    resumed = trainer.try_resume()
+    if rt.is_rank0:
+        cli.save_run_config(cfg)
+    built = Built(rt, models, trainer, _train_data(cfg, inp, trainer), teacher_label, tok_dir, resumed, out)
+    if rt.is_rank0 and not resumed and built.metrics.exists():
+        built.metrics.unlink()
+    return built
+
+
+def default_student(cfg: Config, teacher, teacher_arch: ModelArch, plan: Optional[PrunePlan],
+                    calib_rows: Optional[torch.Tensor]):
+    """(student, arch): the teacher pruned by `plan`, or by the prune section's plan from importance
+    (importance.scores_path, or computed now on `calib_rows`)."""
+    out = Path(cfg.output_dir)
+    if plan is None:
+        plan = _plan_from_importance(cfg, teacher, teacher_arch, calib_rows)
+    if is_rank0():
+        plan.save(out / "prune_plan.json")
+    student = student_from_plan(teacher, plan, cfg.model, scratch=out / ".student_full.partial")
+    return student, plan.target_arch
+
+
+def _plan_from_importance(cfg: Config, teacher, teacher_arch: ModelArch, calib_rows) -> PrunePlan:
+    if cfg.importance.scores_path:
+        scores = ImportanceScores.load(cfg.importance.scores_path, teacher_arch)
+    else:
+        scores, _ = compute_importance(teacher, teacher_arch, calib_rows, cfg.importance,
+                                       micro_batch_size=cfg.data.micro_batch_size,
+                                       transformer_impl=cfg.model.transformer_impl)
+        if is_rank0():
+            scores.save(Path(cfg.output_dir) / "importance.safetensors")
+    p = cfg.prune
+    target = target_shape(teacher_arch, p.export_config, tp=cfg.parallel.tensor_model_parallel_size,
+                          hf_export=False)
+    return build_plan(teacher_arch, target, scores, drop_layers=p.drop_layers, layer_metric=p.layer_metric,
+                      contiguous=p.drop_contiguous, fold_heads=p.fold_heads and p.fold_mode)
+
+
+def _train_data(cfg: Config, inp: Inputs, trainer: Trainer) -> Iterator[dict]:
+    """This DP rank's micro-batches from where the trainer stands (offline: with the teacher's top-k)."""
+    t, layout, cache = cfg.train, inp.layout, Path(cfg.output_dir) / "data_cache"
+    common = dict(micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                  train_iters=t.train_iters, dp_rank=layout.dp_rank(), dp_size=layout.dp,
+                  consumed_samples=trainer.consumed_samples, cache_path=cache)
+    if inp.store is None:
+        return train_micro_batches(inp.train_prefix, inp.tokenizer, seq_length=cfg.data.seq_length, seed=t.seed,
+                                   **common)
+    return off.offline_micro_batches(inp.store, inp.train_prefix, inp.tokenizer, top_k=cfg.distill.top_k, **common)
+
+
+# --------------------------------------------------------------------------------------------------
+# train: held-out losses before, the steps, the held-out loss after
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Losses:
+    teacher: Optional[float]  # None: offline logits without a matching recorded evaluation
+    start: float
+    end: float
+
+
+def train(cfg: Config, inp: Inputs, b: Built) -> Losses:
+    """Teacher and student held-out losses, then the steps (metrics, TensorBoard, checkpoints)."""
+    if inp.store is None:
+        teacher_eval = b.trainer.evaluate(b.models.teacher, b.models.teacher_arch)
+    else:  # the teacher's held-out loss as measured when the logits were computed (same eval set), or None
+        teacher_eval = off.teacher_eval_for(inp.store, eval_path=inp.eval_path, num_samples=cfg.eval.num_samples,
+                                            seq_length=cfg.data.seq_length)
+    teacher_loss = teacher_eval["loss"] if teacher_eval else None
+    first = b.trainer.evaluate(b.models.student, b.models.student_arch)["loss"]
+    if b.rt.is_rank0 and not b.resumed:
+        write_metrics(b.metrics, {"step": b.trainer.step, "eval_loss": first,
+                                  **({"teacher_eval_loss": teacher_loss} if teacher_loss is not None else {})})
+    return Losses(teacher_loss, first, _steps(cfg, b, first))
+
+
+def _steps(cfg: Config, b: Built, last_eval: float) -> float:
+    """Train up to train.train_iters (or an exit_interval stop); the last held-out loss."""
+    trainer, stop_at = b.trainer, cfg.train.train_iters
+    board = _board(b)
+    bar = tqdm(total=stop_at, initial=trainer.step, desc="distill", disable=not b.rt.is_rank0, dynamic_ncols=True)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    while trainer.step < stop_at:
+        t0 = time.time()
+        m = trainer.train_step(step_batches(b.data, trainer.num_micro))
+        dt = time.time() - t0
+        finite_or_raise(m["loss"], trainer.step, trainer.ckpt_root)
+        record = {"step": trainer.step, **m, "tokens": trainer.consumed_samples * cfg.data.seq_length,
+                  "tokens_per_s": tokens_per_step / dt}
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens_per_step / dt:.0f}")
+        if cfg.eval.interval and trainer.step % cfg.eval.interval == 0 or trainer.step == stop_at:
+            last_eval = record["eval_loss"] = trainer.evaluate(b.models.student, b.models.student_arch)["loss"]
+        if b.rt.is_rank0:
+            write_metrics(b.metrics, record)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    board.add_scalar(f"distill/{key}", value, trainer.step)
+        if _save_then_stop(cfg, trainer):
+            break
+    bar.close()
+    if board is not None:
+        board.close()
+    return last_eval
+
+
+def _board(b: Built):
+    """rank 0's TensorBoard writer (a resumed run drops the events after its checkpoint), else None."""
+    if not b.rt.is_rank0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # heavy: only where it writes
+
+    return SummaryWriter(str(b.out / "tensorboard"), purge_step=b.trainer.step + 1 if b.resumed else None)
+
+
+def _save_then_stop(cfg: Config, trainer: Trainer) -> bool:
+    """Checkpoint at save/exit intervals and at the end; True when exit_interval stops the run early."""
+    stop_at = cfg.train.train_iters
+    saving = cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
+    exiting = cfg.train.exit_interval and trainer.step % cfg.train.exit_interval == 0
+    if saving or exiting or trainer.step == stop_at:
+        trainer.save()
+    return bool(exiting and trainer.step < stop_at)
+
+
+# --------------------------------------------------------------------------------------------------
+# report: distill.json, the loss curve, the HF export, the summary table
+# --------------------------------------------------------------------------------------------------
+def report(cfg: Config, inp: Inputs, b: Built, losses: Losses, timer: Timer) -> dict:
+    """The distill.json record (exporting the student to HF when asked and finished), written with the
+    loss curve by rank 0; the summary table."""
+    trainer, arch = b.trainer, b.models.student_arch
+    result = {
+        "teacher_eval_loss": losses.teacher, "student_eval_loss_start": losses.start,
+        "student_eval_loss": losses.end, "steps": trainer.step,
+        "tokens": trainer.consumed_samples * cfg.data.seq_length, "seconds": timer.seconds,
+        "student_params": arch.num_params(), "teacher_params": b.models.teacher_arch.num_params(),
+        "checkpoint": str(trainer.ckpt_root), "finished": trainer.step >= cfg.train.train_iters,
+    }
+    if cfg.export.hf_dir and result["finished"]:
+        result["hf_dir"] = str(export_hf(b.models.student, arch, cfg.export.hf_dir, tokenizer_dir=b.tokenizer_dir,
+                                         source=str(trainer.ckpt_root)))
+    result["mode"] = "offline" if inp.store is not None else ("lm" if trainer.lm_only else "online")
+    result["fp8"] = cfg.distill.fp8
+    gap = losses.start - losses.teacher if losses.teacher is not None else 0.0
+    result["gap_recovered"] = (losses.start - losses.end) / gap if gap > 0 else None
+    if b.rt.is_rank0:
+        mio.write_json(b.out / "distill.json", result)
+        plot_losses(b.metrics, b.out / "loss_curve.png")
+    _summary(cfg, b, result, timer)
+    return result
+
+
+def _summary(cfg: Config, b: Built, result: dict, timer: Timer) -> None:
+    teacher_arch, teacher_loss, gap = b.models.teacher_arch, result["teacher_eval_loss"], result["gap_recovered"]
+    summary_table("megaslim distill", [
+        ("teacher", f"{b.teacher_label} ({teacher_arch.num_params():,} params)"),
+        ("mode", result["mode"] + (f", fp8={cfg.distill.fp8}" if cfg.distill.fp8 else "")),
+        ("student", f"{result['student_params']:,} params"),
+        ("steps / tokens", f"{result['steps']} / {result['tokens']:,}"),
+        ("held-out loss: teacher", teacher_loss if teacher_loss is not None else "-"),
+        ("held-out loss: student start -> end",
+         f"{result['student_eval_loss_start']:.4f} -> {result['student_eval_loss']:.4f}"),
+        ("gap recovered", f"{gap:.1%}" if gap is not None else "-"),
+        ("seconds", round(timer.seconds, 1)), ("outputs", b.out),
+    ])
+
+
+# --------------------------------------------------------------------------------------------------
+def run(cfg: Config) -> dict:
+    """One distillation run end to end; the distill.json record."""
+    timer = Timer()
+    inp = validate(cfg)
+    built = build(cfg, inp)
+    return report(cfg, inp, built, train(cfg, inp, built), timer)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    return run(cli.parse_args(__doc__, argv))
