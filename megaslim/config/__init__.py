@@ -9,6 +9,7 @@ from megaslim.config.choices import (
     AmaxAlgo,
     Choice,
     CompressTeacher,
+    CoreAttention,
     DType,
     FoldMode,
     Fp8Mode,
@@ -54,6 +55,7 @@ from megaslim.config.validate import (
 
 __all__ = [
     "Aggregation", "AmaxAlgo", "CheckpointConfig", "Choice", "CompressConfig", "CompressTeacher", "Config",
+    "CoreAttention",
     "ConfigError", "DType", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig", "ExportConfigShape",
     "FoldMode", "Fp8Mode", "Fp8Recipe", "GenerateConfig", "ImportanceConfig", "IntermediateLoss", "KLKind",
     "LayerMetric", "LoadSpec", "ModelConfig", "NeuronSignal", "OfflineConfig", "ParallelConfig", "PruneConfig",

@@ -50,8 +50,15 @@ class NeuronSignal(Choice):
 
 
 class LayerMetric(Choice):
-    bi = "bi"
-    loss = "loss"
+    bi = "bi"  # Block Importance (ShortGPT): 1 - cos(layer input, layer output), each layer alone
+    loss = "loss"  # LM loss increase with one layer skipped, each layer alone
+    block_loss = "block_loss"  # loss with each contiguous block of the layers to drop removed (joint)
+    greedy_loss = "greedy_loss"  # remove layers a few at a time, re-scoring the rest after each round
+
+
+class CoreAttention(Choice):
+    sdpa = "sdpa"  # torch scaled_dot_product_attention (flash kernels on GPU through torch)
+    local = "local"  # megatron's own DotProductAttention (its AttnBackend.local)
 
 
 class SearchAxis(Choice):

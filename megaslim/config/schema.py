@@ -8,6 +8,7 @@ from megaslim.config.choices import (
     Aggregation,
     AmaxAlgo,
     CompressTeacher,
+    CoreAttention,
     DType,
     FoldMode,
     Fp8Mode,
@@ -28,6 +29,7 @@ class ModelConfig:
     # HF dir | .gguf file | torch_dist checkpoint dir; unset = the embedded SmolLM2-135M-Instruct.
     load: Optional[str] = None
     transformer_impl: TransformerImpl = TransformerImpl.local  # modelopt = TE norms + separate linears
+    core_attention: CoreAttention = CoreAttention.local  # local spec only: sdpa | local (megatron's)
     params_dtype: DType = DType.float32
     make_vocab_size_divisible_by: int = 128
     trust_remote_code: bool = False
@@ -95,6 +97,7 @@ class PruneConfig:
     drop_layers: list[int] = field(default_factory=list)  # explicit source layers to drop
     layer_metric: LayerMetric = LayerMetric.bi  # ranking used for depth pruning without drop_layers
     drop_contiguous: bool = False  # drop the contiguous block with the least total importance
+    layer_blocks: int = 1  # layer_metric=block_loss: the dropped layers form at most this many blocks
     plan_path: Optional[str] = None  # apply a saved PrunePlan JSON instead of building one
     target_params: Optional[float] = None  # parameter budget: search the shape (prune.search)
     search: SearchConfig = field(default_factory=SearchConfig)
