@@ -149,11 +149,25 @@ def test_empty_mounts_gives_no_mount_flag(cluster):
     assert "--container-mounts" not in srun_argv(cluster)
 
 
-def test_single_node_and_gpus_default(cluster):
-    res = run_script(cluster, "prune", SLURM_NNODES="1", SLURM_JOB_NODELIST="gpu-a017",
-                     unset=("SLURM_GPUS_ON_NODE",))
+def test_single_node_and_process_count(cluster):
+    one = dict(SLURM_NNODES="1", SLURM_JOB_NODELIST="gpu-a017")
+    res = run_script(cluster, "prune", **one)  # the allocation's GPUs (SLURM_GPUS_ON_NODE=8)
     assert res.returncode == 0, res.stderr
     assert srun_argv(cluster) == expected_argv(cluster, "launch/prune.py", nodes=1)
+    # No GPU allocated: a container job says how to ask for them, before srun.
+    (cluster["tmp"] / "srun.args").unlink()
+    res = run_script(cluster, "prune", unset=("SLURM_GPUS_ON_NODE",), **one)
+    assert res.returncode != 0 and "no GPU in this allocation" in res.stderr and "--gpus-per-node=N" in res.stderr
+    assert srun_argv(cluster) is None
+    res = run_script(cluster, "prune", SLURM_GPUS_ON_NODE="0", **one)
+    assert res.returncode != 0 and "no GPU in this allocation" in res.stderr
+    # NPROC_PER_NODE is the process count, and wins over GPUS_PER_NODE (its older name) and the allocation.
+    res = run_script(cluster, "prune", NPROC_PER_NODE="3", GPUS_PER_NODE="4", unset=("SLURM_GPUS_ON_NODE",), **one)
+    assert res.returncode == 0, res.stderr
+    assert srun_argv(cluster) == expected_argv(cluster, "launch/prune.py", nodes=1, gpus=3)
+    res = run_script(cluster, "prune", GPUS_PER_NODE="4", **one)
+    assert res.returncode == 0, res.stderr
+    assert srun_argv(cluster) == expected_argv(cluster, "launch/prune.py", nodes=1, gpus=4)
 
 
 def test_relative_megaslim_dir_is_mounted_absolute(cluster):
@@ -190,16 +204,89 @@ def test_missing_container_image_is_a_clear_error(cluster, name):
     assert srun_argv(cluster) is None
     res = run_script(cluster, name, CONTAINER_IMAGE="")
     assert res.returncode != 0 and "CONTAINER_IMAGE is not set" in res.stderr
+    res = run_script(cluster, name, unset=("CONTAINER_IMAGE",), MEGASLIM_PYTHON="/venv/bin/python")
+    assert res.returncode != 0 and "set CONTAINER_IMAGE=none to run MEGASLIM_PYTHON on the host" in res.stderr
+
+
+def fake_python(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def host_argv(cluster, launcher, python, *, nodes=2, nproc=8, config="configs/smollm2.yaml", overrides=()):
+    repo = cluster["repo"]
+    return ["--nodes", str(nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "--chdir", str(repo),
+            python, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", str(nproc),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{NODES[0]}:29500", "--rdzv-id", "4242",
+            launcher, "--config", config, *overrides]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_host_mode_same_layout_without_pyxis(cluster, name):
+    """CONTAINER_IMAGE=none: srun -> MEGASLIM_PYTHON -m torch.distributed.run on the host, in the checkout,
+    no --container-* flag, no mount or cache dir, the job's environment left as it is."""
+    python = fake_python(cluster["tmp"] / "venv" / "bin" / "python")
+    res = run_script(cluster, name, "train.lr=1e-4", CONTAINER_IMAGE="none", MEGASLIM_PYTHON=python,
+                     CONTAINER_WORKDIR="/opt/megaslim", MOUNTS="/a:/b")  # container-only knobs: ignored
+    assert res.returncode == 0, res.stderr
+    assert srun_argv(cluster) == host_argv(cluster, SCRIPTS[name], python, overrides=["train.lr=1e-4"])
+    env = dict(line.split("=", 1) for line in (cluster["tmp"] / "srun.args.env").read_text().splitlines())
+    assert env == {"MEGASLIM_CACHE": "", "HF_HOME": "/home/someone/hf", "MASTER_ADDR": NODES[0],
+                   "PYTHONNOUSERSITE": ""}
+    assert not (cluster["home"] / ".cache").exists()
+    assert f"host {python}" in res.stdout
+
+
+def test_host_mode_defaults_cpu_node_and_extra_args(cluster):
+    host = dict(CONTAINER_IMAGE="none", SLURM_NNODES="1", SLURM_JOB_NODELIST="gpu-a017")
+    # A CPU node (no GPU allocated): one process unless NPROC_PER_NODE says more; python3 from PATH
+    # without a venv in the checkout.
+    res = run_script(cluster, "distill", unset=("SLURM_GPUS_ON_NODE",), **host)
+    assert res.returncode == 0, res.stderr
+    assert srun_argv(cluster) == host_argv(cluster, "launch/distill.py", "python3", nodes=1, nproc=1)
+    venv = fake_python(cluster["repo"] / ".venv" / "bin" / "python")
+    res = run_script(cluster, "distill", NPROC_PER_NODE="2", SRUN_ARGS="--cpu-bind=none",
+                     TORCHRUN_ARGS="--max-restarts=1", unset=("SLURM_GPUS_ON_NODE",), **host)
+    assert res.returncode == 0, res.stderr
+    argv = srun_argv(cluster)
+    assert argv[argv.index("--chdir") + 2:argv.index("-m")] == ["--cpu-bind=none", venv]
+    assert argv[argv.index("--nproc-per-node") + 1] == "2"
+    assert argv[argv.index("c10d") + 5:] == ["--max-restarts=1", "launch/distill.py", "--config",
+                                             "configs/smollm2.yaml"]
+    res = run_script(cluster, "distill", **host)  # GPUs allocated: one process per GPU, as in a container
+    assert res.returncode == 0 and srun_argv(cluster)[srun_argv(cluster).index("--nproc-per-node") + 1] == "8"
+
+
+@pytest.mark.parametrize("image", ["/shared/images/megaslim.sqsh", "none"])
+def test_requeued_run_resumes(cluster, image):
+    """Slurm sets SLURM_RESTART_COUNT > 0 on a requeued job: it continues its checkpoint (resume=true last)."""
+    res = run_script(cluster, "distill", "output_dir=/out/r1", CONTAINER_IMAGE=image, SLURM_RESTART_COUNT="0",
+                     OVERRIDES="train.lr=1e-4")
+    assert res.returncode == 0, res.stderr
+    assert srun_argv(cluster)[-2:] == ["train.lr=1e-4", "output_dir=/out/r1"]
+    res = run_script(cluster, "distill", "output_dir=/out/r1", "resume=false", CONTAINER_IMAGE=image,
+                     SLURM_RESTART_COUNT="2")
+    assert res.returncode == 0, res.stderr
+    assert srun_argv(cluster)[-3:] == ["output_dir=/out/r1", "resume=false", "resume=true"]
+    assert "(restart 2)" in res.stdout
 
 
 @pytest.mark.parametrize("case, env, args, message", [
     ("outside slurm", {"SLURM_JOB_ID": ""}, (), "not inside a Slurm allocation"),
     ("bad gpus", {"GPUS_PER_NODE": "eight"}, (), "GPUS_PER_NODE must be a positive integer"),
+    ("bad nproc", {"NPROC_PER_NODE": "0"}, (), "NPROC_PER_NODE must be a positive integer"),
+    ("empty nproc", {"NPROC_PER_NODE": ""}, (), "NPROC_PER_NODE must be a positive integer, got ''"),
+    ("host: bad python", {"CONTAINER_IMAGE": "none", "MEGASLIM_PYTHON": "/nope/bin/python"}, (),
+     "MEGASLIM_PYTHON '/nope/bin/python' is not an executable"),
+    ("host: tp does not divide", {"CONTAINER_IMAGE": "none", "NPROC_PER_NODE": "2"},
+     ("parallel.tensor_model_parallel_size=3",), "does not divide the 4 processes (2 node(s) x 2)"),
     ("bad port", {"MASTER_PORT": "0"}, (), "MASTER_PORT must be a positive integer"),
     ("missing config", {"CONFIG": "configs/nope.yaml"}, (), "config configs/nope.yaml not found"),
-    ("tp does not divide", {}, ("parallel.tensor_model_parallel_size=3",), "does not divide the 16 GPUs"),
+    ("tp does not divide", {}, ("parallel.tensor_model_parallel_size=3",), "does not divide the 16 processes"),
     ("tp x pp too big", {"OVERRIDES": "parallel.tensor_model_parallel_size=8"},
-     ("parallel.pipeline_model_parallel_size=4",), "does not divide the 16 GPUs"),
+     ("parallel.pipeline_model_parallel_size=4",), "does not divide the 16 processes"),
 ])
 def test_bad_input_fails_before_srun(cluster, case, env, args, message):
     res = run_script(cluster, "prune", *args, **env)
@@ -241,7 +328,10 @@ def test_sbatch_header(name):
     assert text.startswith("#!/bin/bash\n")
     header = dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(\S+))?$", text, re.M))
     assert header["job-name"] == f"megaslim-{name}"
-    assert header["nodes"] == "1" and header["ntasks-per-node"] == "1" and header["gpus-per-node"] == "8"
+    assert header["nodes"] == "1" and header["ntasks-per-node"] == "1"
+    # GPUs are asked for at submission (--gpus-per-node / --gres), so a CPU node can run the same script.
+    assert not {"gpus-per-node", "gres", "gpus"} & header.keys()
+    assert "requeue" in header and header["open-mode"] == "append"  # a requeued run keeps the first log
     assert "exclusive" in header and re.fullmatch(r"\d+:\d\d:\d\d", header["time"])
     assert header["output"] == "%x-%j.out"
     # #SBATCH lines are only read before the first command.
