@@ -10,6 +10,7 @@ from tqdm import tqdm
 from megaslim.config import ImportanceConfig
 from megaslim.errors import MegaslimError
 from megaslim.eval import evaluate_rows
+from megaslim.importance.depth import depth_scores
 from megaslim.importance.hooks import CalibContext, attach_hooks
 from megaslim.importance.reduce import reduce_scores
 from megaslim.importance.scores import ImportanceScores
@@ -77,24 +78,31 @@ def layer_loss_scores(model, arch: ModelArch, rows: torch.Tensor, *, micro_batch
 
 def compute_importance(model, arch: ModelArch, rows: torch.Tensor, cfg: ImportanceConfig, *,
                        micro_batch_size: int, transformer_impl: str,
-                       loss_rows: Optional[torch.Tensor] = None) -> tuple[ImportanceScores, dict]:
+                       loss_rows: Optional[torch.Tensor] = None, depth_metric: Optional[str] = None,
+                       layer_drop: Optional[int] = None, layer_blocks: int = 1) -> tuple[ImportanceScores, dict]:
+    """Activation scores on `rows`, plus the layer-loss scores on `loss_rows` (default: the first
+    `cfg.layer_loss_samples` rows) that `cfg.layer_metrics` lists. The joint depth scores (block_loss,
+    greedy_loss; `depth_metric` is prune.layer_metric) score removing `layer_drop` layers."""
     check_importance_spec(transformer_impl)
     t0 = time.time()
     scores = activation_scores(model, arch, rows, cfg, micro_batch_size=micro_batch_size)
     t_act = time.time() - t0
+    lr = loss_rows if loss_rows is not None else rows[: cfg.layer_loss_samples]
     layer_loss = None
     if "loss" in cfg.layer_metrics:
-        lr = loss_rows if loss_rows is not None else rows[: cfg.layer_loss_samples]
         layer_loss = layer_loss_scores(model, arch, lr, micro_batch_size=micro_batch_size)
+    metrics = [str(m) for m in cfg.layer_metrics] + ([str(depth_metric)] if depth_metric else [])
+    joint, joint_settings = depth_scores(model, arch, lr, metrics=metrics, drop=layer_drop, blocks=layer_blocks,
+                                         micro_batch_size=micro_batch_size)
     seconds = time.time() - t0
     tokens = rows.shape[0] * (rows.shape[1] - 1)
     settings = {
         "seq_agg": cfg.seq_agg, "batch_agg": cfg.batch_agg, "neuron_signal": cfg.neuron_signal,
         "layer_metrics": list(cfg.layer_metrics), "num_samples": int(rows.shape[0]),
         "seq_length": int(rows.shape[1] - 1), "layer_loss_samples": cfg.layer_loss_samples,
-        "arch": arch.to_dict(),
+        "arch": arch.to_dict(), **joint_settings,
     }
-    result = ImportanceScores(**scores, layer_loss=layer_loss, settings=settings)
+    result = ImportanceScores(**scores, layer_loss=layer_loss, **joint, settings=settings)
     cost = {"seconds": seconds, "activation_seconds": t_act, "tokens": tokens,
             "tokens_per_second": tokens / max(t_act, 1e-9)}
     return result, cost

@@ -20,15 +20,21 @@ def plot_importance(scores: ImportanceScores, out_dir: str | Path) -> list[Path]
     fig.colorbar(im, ax=ax)
     paths.append(save_png(fig, out / "importance_heads.png"))
 
-    metrics = [("layer_bi", "Block Importance (1 - cos)")]
+    metrics = [(scores.layer_bi, "layer", "Block Importance (1 - cos)")]
     if scores.layer_loss is not None:
-        metrics.append(("layer_loss", "loss increase when skipped"))
+        metrics.append((scores.layer_loss, "layer", "loss increase when skipped"))
+    if scores.layer_block_loss is not None:  # the scan for the k asked, by the block's first layer
+        k = scores.layer_block_loss.shape[0]
+        scan = scores.layer_block_loss[k - 1]
+        metrics.append((scan[scan.isfinite()], "first layer of the block",
+                        f"loss increase with {k} consecutive layers removed (block_loss)"))
     fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.8 * len(metrics)), squeeze=False)
-    for ax, (name, title) in zip(axes[:, 0], metrics):
-        v = getattr(scores, name).numpy()
-        ax.bar(range(len(v)), v, color="tab:blue")
-        ax.set(xlabel="layer", title=title)
+    for ax, (v, xlabel, title) in zip(axes[:, 0], metrics):
+        ax.bar(range(len(v)), v.numpy(), color="tab:blue")
+        ax.set(xlabel=xlabel, title=title)
     paths.append(save_png(fig, out / "importance_layers.png"))
+    if scores.layer_block_loss is not None and scores.layer_block_loss.isfinite().sum(1).gt(0).sum() > 1:
+        paths.append(_block_heatmap(plt, scores.layer_block_loss, out))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     n = scores.neurons
@@ -40,3 +46,15 @@ def plot_importance(scores: ImportanceScores, out_dir: str | Path) -> list[Path]
     axes[1].set(xlabel="channel rank", ylabel="score", title=f"embedding channel scores (hidden {len(c)})")
     paths.append(save_png(fig, out / "importance_distributions.png"))
     return paths
+
+
+def _block_heatmap(plt, m, out: Path) -> Path:
+    """layer_blocks > 1: the loss increase of every block size (rows) at every start (columns)."""
+    fig, ax = plt.subplots(figsize=(max(5, m.shape[1] * 0.3 + 2), max(3, m.shape[0] * 0.3 + 1)))
+    v = m.clone()
+    v[~v.isfinite()] = float("nan")
+    im = ax.imshow(v.numpy(), aspect="auto", cmap="viridis", origin="lower",
+                   extent=(-0.5, m.shape[1] - 0.5, 0.5, m.shape[0] + 0.5))
+    ax.set(xlabel="first layer of the block", ylabel="block size", title="block_loss: loss increase")
+    fig.colorbar(im, ax=ax)
+    return save_png(fig, out / "importance_blocks.png")

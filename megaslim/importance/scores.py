@@ -12,7 +12,9 @@ from megaslim import io as mio
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch
 
-TENSORS = ("heads", "query_groups", "neurons", "channels", "layer_bi", "layer_loss")
+TENSORS = ("heads", "query_groups", "neurons", "channels", "layer_bi", "layer_loss", "layer_block_loss",
+           "layer_greedy")
+REQUIRED = TENSORS[:5]  # the optional ones: files written before they existed, or metrics not asked for
 
 
 @dataclass
@@ -23,6 +25,10 @@ class ImportanceScores:
     channels: torch.Tensor  # [hidden]
     layer_bi: torch.Tensor  # [layers]
     layer_loss: Optional[torch.Tensor] = None  # [layers]; loss increase when the layer is skipped
+    # [k, layers]: loss increase with layers i..i+s-1 removed at [s-1, i] (block_loss; inf past the end,
+    # NaN for sizes not scanned); k = settings["block_drop"]
+    layer_block_loss: Optional[torch.Tensor] = None
+    layer_greedy: Optional[torch.Tensor] = None  # [layers]: greedy_loss removal step, inf for kept layers
     settings: dict = field(default_factory=dict)
 
     def shapes_ok(self, arch: ModelArch) -> list[str]:
@@ -33,7 +39,10 @@ class ImportanceScores:
             "channels": (arch.hidden_size,),
             "layer_bi": (arch.num_layers,),
             "layer_loss": (arch.num_layers,),
+            "layer_greedy": (arch.num_layers,),
         }
+        if self.layer_block_loss is not None:
+            want["layer_block_loss"] = (self.layer_block_loss.shape[0], arch.num_layers)
         bad = []
         for name, shape in want.items():
             t = getattr(self, name)
@@ -63,7 +72,7 @@ class ImportanceScores:
                 settings = json.loads((f.metadata() or {}).get("settings", "{}"))
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise MegaslimError(f"{path}: not a readable importance scores file ({err})") from None
-        missing = [n for n in TENSORS[:-1] if n not in tensors]
+        missing = [n for n in REQUIRED if n not in tensors]
         if missing:
             raise MegaslimError(f"{path}: missing score tensors {missing}")
         scores = cls(**{n: tensors.get(n) for n in TENSORS}, settings=settings)

@@ -17,6 +17,7 @@ from megaslim.errors import MegaslimError
 from megaslim.importance.scores import ImportanceScores
 from megaslim.io import atomic_write_text
 from megaslim.model.arch import ModelArch
+from megaslim.prune.depth import JOINT, block_loss_keep, check_depth_request, greedy_keep
 
 FOLD_MODES = tuple(FoldMode.values())
 DEFAULT_FOLD_MODE = FoldMode.proj_sum.value  # as the config's prune.fold_mode (measured best, docs/pruning.md)
@@ -63,7 +64,19 @@ class PrunePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":
-        return cls.from_json(Path(path).read_text())
+        """The plan saved at `path` (prune.plan_path); missing, unreadable or malformed: one MegaslimError."""
+        p = Path(path)
+        if not p.is_file():
+            what = "is a directory, not a prune_plan.json" if p.is_dir() else "not found"
+            raise MegaslimError(f"prune plan {p} {what} (prune.plan_path: the prune_plan.json of launch/prune.py)")
+        try:
+            plan = cls.from_json(p.read_text(encoding="utf-8"))
+            plan.target_arch  # noqa: B018 - a plan whose shapes do not parse is refused here, not mid-run
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}" if str(err) else type(err).__name__
+            raise MegaslimError(f"prune plan {p} is not a prune_plan.json of launch/prune.py ({reason}); "
+                                "fix prune.plan_path") from None
+        return plan
 
     def check_applies_to(self, arch: ModelArch) -> None:
         if arch.to_dict() != self.source:
@@ -119,7 +132,8 @@ def _nearest(value: int, multiple: int, upper: int) -> list[int]:
 
 
 def choose_layers(scores: Optional[ImportanceScores], arch: ModelArch, num_layers: int, *,
-                  drop_layers: list[int], metric: str, contiguous: bool) -> list[int]:
+                  drop_layers: list[int], metric: str, contiguous: bool, blocks: int = 1) -> list[int]:
+    """The kept source layers: all but drop_layers, or the `num_layers` chosen by `metric`."""
     L = arch.num_layers
     if drop_layers:
         bad = [i for i in drop_layers if not 0 <= i < L]
@@ -133,6 +147,10 @@ def choose_layers(scores: Optional[ImportanceScores], arch: ModelArch, num_layer
         return list(range(L))
     if scores is None:
         raise MegaslimError("depth pruning by importance needs scores")
+    if metric in JOINT:
+        check_depth_request(L, num_layers, metric=metric, blocks=blocks, contiguous=contiguous)
+        return (block_loss_keep(scores, L, num_layers, blocks) if metric == "block_loss"
+                else greedy_keep(scores, L, num_layers))
     imp = scores.layer_loss if metric == "loss" else scores.layer_bi
     if imp is None:
         raise MegaslimError("prune.layer_metric=loss needs importance.layer_metrics to include loss")
@@ -162,14 +180,14 @@ def fold_assignment(head_scores: torch.Tensor, groups: list[int], heads: list[in
 
 def build_plan(arch: ModelArch, target: ModelArch, scores: Optional[ImportanceScores], *,
                drop_layers: list[int] = (), layer_metric: str = "bi", contiguous: bool = False,
-               fold_heads: bool | str = False) -> PrunePlan:
+               fold_heads: bool | str = False, layer_blocks: int = 1) -> PrunePlan:
     """fold_heads: False (no folding), a mode of FOLD_MODES, or True (= "laco", what a bare True meant
-    before proj_sum existed); see slicing.fold_tensor."""
+    before proj_sum existed); see slicing.fold_tensor. layer_blocks: block_loss's most blocks."""
     fold_mode = "laco" if fold_heads is True else str(fold_heads or DEFAULT_FOLD_MODE)  # a FoldMode: its value
     if fold_mode not in FOLD_MODES:
         raise MegaslimError(f"unknown head folding mode {fold_heads!r}; one of {FOLD_MODES}")
     keep_layers = choose_layers(scores, arch, target.num_layers, drop_layers=list(drop_layers),
-                                metric=layer_metric, contiguous=contiguous)
+                                metric=layer_metric, contiguous=contiguous, blocks=layer_blocks)
     target = replace(target, num_layers=len(keep_layers))
     width_cut = (target.hidden_size, target.ffn_hidden_size, target.num_attention_heads, target.num_query_groups) != \
         (arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads, arch.num_query_groups)
