@@ -14,12 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim.commands import compress, plan  # noqa: E402
+from megaslim.commands import cli, compress, plan  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
 
 def main():
-    compress.main(sys.argv[1:])
+    # --check: the checks before compute only (no process group, no weights)
+    cli.main_or_check(compress.main, compress.check, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from megaslim.runtime import main_guard  # noqa: E402
 
 
 def main():
-    from megaslim.commands.distill import main as distill  # after sys.path is set
+    from megaslim.commands import cli, distill  # after sys.path is set
 
-    distill()
+    # --check: the checks before compute only (no process group, no weights)
+    cli.main_or_check(distill.main, distill.validate, sys.argv[1:])
 
 
 if __name__ == "__main__":

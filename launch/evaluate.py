@@ -8,8 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from megaslim.commands import evaluate  # noqa: E402
+from megaslim.commands import cli, evaluate  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
-if __name__ == "__main__":
-    main_guard(evaluate.main)
+if __name__ == "__main__":  # --check: the checks before compute only (no process group, no weights)
+    main_guard(lambda: cli.main_or_check(evaluate.main, evaluate.validate, sys.argv[1:]))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from megaslim.commands import generate  # noqa: E402
+from megaslim.commands import cli, generate  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
-if __name__ == "__main__":
-    main_guard(generate.main)
+if __name__ == "__main__":  # --check: the checks before compute only (no process group, no weights)
+    main_guard(lambda: cli.main_or_check(generate.main, generate.validate, sys.argv[1:]))

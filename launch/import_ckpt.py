@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from megaslim.commands import import_ckpt  # noqa: E402
+from megaslim.commands import cli, import_ckpt  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
-if __name__ == "__main__":
-    main_guard(import_ckpt.main)
+if __name__ == "__main__":  # --check: the checks before compute only (no process group, no weights)
+    main_guard(lambda: cli.main_or_check(import_ckpt.main, import_ckpt.validate, sys.argv[1:]))

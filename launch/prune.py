@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaslim.commands import prune  # noqa: E402
+from megaslim.commands import cli, prune  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
-if __name__ == "__main__":
-    main_guard(prune.main)
+if __name__ == "__main__":  # --check: the checks before compute only (no process group, no weights)
+    main_guard(lambda: cli.main_or_check(prune.main, prune.check, sys.argv[1:]))

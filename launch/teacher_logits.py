@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from megaslim.commands import teacher_logits  # noqa: E402
+from megaslim.commands import cli, teacher_logits  # noqa: E402
 from megaslim.runtime import main_guard  # noqa: E402
 
-if __name__ == "__main__":
-    main_guard(teacher_logits.main)
+if __name__ == "__main__":  # --check: the checks before compute only (no process group, no weights)
+    main_guard(lambda: cli.main_or_check(teacher_logits.main, teacher_logits.validate, sys.argv[1:]))

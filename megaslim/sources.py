@@ -17,6 +17,7 @@ from megaslim.errors import MegaslimError
 from megaslim.model import hf
 from megaslim.model.arch import ModelArch
 from megaslim.model.build import build_gpt
+from megaslim.model.hf_weights import check_hf_weights
 from megaslim.model.state import load_full_state
 
 
@@ -28,8 +29,26 @@ class Source:
     label: str  # what the user asked for, for tables and metadata
 
 
-def gguf_to_hf(gguf: Path) -> Path:
+def _check_gguf(gguf: Path, key: str) -> None:
+    with open(gguf, "rb") as f:
+        head = f.read(24)  # magic, version, tensor count, metadata count
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise MegaslimError(f"{key}={gguf}: not a GGUF file (bad or truncated header)")
+
+
+def gguf_to_hf(gguf: Path, key: str = "model.load") -> Path:
     """Dequantize a GGUF file once into a cached float32 HF directory (safetensors + tokenizer)."""
+    _check_gguf(gguf, key)
+    try:
+        return _convert_gguf(gguf)
+    except MegaslimError:
+        raise
+    except Exception as err:  # noqa: BLE001 - transformers/gguf raise anything on a corrupt file
+        reason = str(err).splitlines()[0][:160] if str(err) else ""
+        raise MegaslimError(f"{key}={gguf}: not a readable GGUF model ({type(err).__name__}: {reason})") from None
+
+
+def _convert_gguf(gguf: Path) -> Path:
     key = f"gguf-{assets.sha256_of(gguf)[:16]}"
     out = assets.cache_dir() / "converted" / key
     with assets.lock(key):
@@ -69,18 +88,19 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def resolve_source(load: Optional[str]) -> Source:
-    """Turn `model.load` into a directory of weights, with a clear error for anything unusable."""
+def resolve_source(load: Optional[str], key: str = "model.load") -> Source:
+    """Turn `load` (the value of config key `key`) into a directory of weights, with a clear error
+    naming `key` for anything unusable."""
     if load is None:
         d = default_model_dir()
         return Source("hf", d, d, "SmolLM2-135M-Instruct (embedded default)")
     path = Path(load).expanduser()
     if not path.exists():
-        raise MegaslimError(f"model.load={load}: no such file or directory")
+        raise MegaslimError(f"{key}={load}: no such file or directory")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise MegaslimError(f"model.load={load}: a file must be a .gguf; otherwise give a directory")
-        d = gguf_to_hf(path)
+            raise MegaslimError(f"{key}={load}: a file must be a .gguf; otherwise give a directory")
+        d = gguf_to_hf(path, key)
         return Source("hf", d, d, str(load))
     if (path / "config.json").is_file():
         return Source("hf", path, path if _has_tokenizer(path) else None, str(load))
@@ -89,15 +109,25 @@ def resolve_source(load: Optional[str]) -> Source:
         tok = meta.get("tokenizer_dir")
         return Source("checkpoint", path, Path(tok) if tok else None, str(load))
     raise MegaslimError(
-        f"model.load={load}: not a Hugging Face directory (config.json), a .gguf file, "
+        f"{key}={load}: not a Hugging Face directory (config.json), a .gguf file, "
         "or a megaslim torch_dist checkpoint"
     )
 
 
 def source_arch(source: Source) -> ModelArch:
+    """The source's shape from its config (HF: config.json, checked against the weight files' headers)."""
     if source.kind == "hf":
-        return hf.arch_from_hf_config(hf.read_hf_config(source.path))
+        arch = hf.arch_from_hf_config(hf.read_hf_config(source.path))
+        check_hf_weights(source.path, arch)
+        return arch
     return ModelArch.from_dict(ckpt.read_meta(source.path)["arch"])
+
+
+def check_positions(arch: ModelArch, seq_length: int, who: str = "the model") -> None:
+    """data.seq_length within the model's max_position_embeddings (RoPE would run past what it was trained on)."""
+    if seq_length > arch.max_position_embeddings:
+        raise MegaslimError(f"data.seq_length={seq_length} exceeds {who}'s max_position_embeddings="
+                            f"{arch.max_position_embeddings}; lower data.seq_length")
 
 
 def load_model(model_cfg: ModelConfig, source: Optional[Source] = None):

@@ -65,6 +65,7 @@ def test_arch_reads_what_each_family_adds(sources):
         assert arch.num_params() == sum(p.numel() for p in hf.parameters()), fam
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("family", list(ARCHS))
 def test_logits_match_hf_and_roundtrip_is_exact(sources, tokens, tmp_path, family, tp):
@@ -130,6 +131,7 @@ def test_prune_width_and_depth_exports_an_hf_model_matching_megatron(sources, to
     assert plan.target_arch.num_params() == sum(p.numel() for p in hf.parameters())
 
 
+@pytest.mark.dist
 def test_nemotron_scores_match_plain_hooks_on_the_hf_model_and_tp2(sources, tmp_path, megatron_tp1):
     """fc1_output of a non-gated MLP is |X W1^T| (all of fc1), channels the LayerNorm1P outputs: the same
     numbers from plain hooks on transformers' NemotronForCausalLM, and from megaslim at TP=2."""

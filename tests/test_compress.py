@@ -6,6 +6,8 @@ import pytest
 from dist_utils import ROOT, torchrun
 from transformers import AutoModelForCausalLM
 
+pytestmark = pytest.mark.dist  # multi-process (torchrun over gloo)
+
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
 
 

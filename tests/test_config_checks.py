@@ -119,6 +119,11 @@ def test_sparsity_and_search_ranges(overrides, needle):
     (["distill.kl=jsd", "distill.jsd_beta=1.0"], "distill.jsd_beta=1.0 must be in (0, 1)"),
     (["distill.kl=topk", "distill.top_k=0"], "distill.top_k must be >= 1"),
     (["distill.fp8=e4m3", "distill.fp8_amax_history_len=0"], "distill.fp8_amax_history_len must be >= 1"),
+    # were megaslim.distill.fp8.fp8_problems' (tests/test_fp8.py): the settings are the config's
+    (["distill.fp8=e5m2"], "distill.fp8='e5m2' is not one of ['e4m3', 'hybrid']"),
+    (["distill.fp8=hybrid", "distill.fp8_recipe=fp4"], "distill.fp8_recipe='fp4' is not one of"),
+    (["distill.fp8=hybrid", "distill.fp8_amax_compute_algo=mean"],
+     "distill.fp8_amax_compute_algo='mean' is not one of"),
 ])
 def test_distill_values(overrides, needle):
     _refused(overrides, needle)
@@ -227,3 +232,48 @@ def test_compress_stage_configs_are_validated_like_loaded_ones():
     stage.train.warmup_iters = stage.train.train_iters
     with pytest.raises(ConfigError, match=r"train\.warmup_iters"):
         validate(stage)
+
+
+# ------------------------------------------------------------------------------------ issue 17 additions
+@pytest.mark.parametrize("key", ["lr", "min_lr", "clip_grad", "weight_decay"])
+def test_train_rates_not_negative(key):
+    _refused([f"train.{key}=-1"], f"train.{key}=-1.0 must be >= 0")
+
+
+def test_drop_layers_each_once():
+    _refused(["prune.drop_layers=[2,1,2]"], "prune.drop_layers lists layer(s) [2] more than once")
+
+
+def test_prune_needs_a_target():
+    _command_refuses(validate_prune, [], "nothing to prune")
+    for ok in ("prune.drop_layers=[0]", "prune.export_config.hidden_size=48", "prune.plan_path=/p.json",
+               "importance.only=true", "prune.sparsity.method=magnitude", "prune.target_params=1e6",
+               "prune.target_tensor_model_parallel_size=2"):
+        validate_prune(_cfg(ok))
+
+
+def test_malformed_yaml_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: [unclosed\n  load: x\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML \(line 2, column 7\)"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "l.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of config sections"):
+        load_config(tmp_path / "l.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_output_dir_checks(tmp_path):
+    from megaslim.config import check_output_dir_writable, check_output_file_writable
+
+    (tmp_path / "f").write_text("x")
+    check_output_dir_writable(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    with pytest.raises(ConfigError, match="output_dir=.*/f is a file"):
+        check_output_dir_writable(tmp_path / "f")
+    with pytest.raises(ConfigError, match="has a file on its way"):
+        check_output_dir_writable(tmp_path / "f" / "sub")
+    with pytest.raises(ConfigError, match="generate.output=.* is a directory"):
+        check_output_file_writable(tmp_path, "generate.output")
+    with pytest.raises(ConfigError, match="cannot write in /proc"):
+        check_output_dir_writable("/proc/megaslim_out")

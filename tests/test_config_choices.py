@@ -72,7 +72,7 @@ def test_bad_values_list_the_values_not_the_member_names():
     assert str(err.value) == "prune.sparsity.method='sparsegpt' is not one of ['magnitude', 'wanda']"
     with pytest.raises(ConfigError) as err:
         load_config(None, ["importance.layer_metrics=[bi,foo]"])
-    assert str(err.value) == "importance.layer_metrics: 'foo' is not one of ['bi', 'loss']"
+    assert str(err.value) == "importance.layer_metrics: 'foo' is not one of ['bi', 'loss', 'block_loss', 'greedy_loss']"
 
 
 @pytest.mark.parametrize("key, bad", [

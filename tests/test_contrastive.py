@@ -26,6 +26,8 @@ from megaslim.distill.losses import (
 from megaslim.errors import MegaslimError
 from megaslim.model.hf import HFReader
 
+pytestmark = pytest.mark.dist  # multi-process (torchrun over gloo)
+
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
 PAIRS = "distill.intermediate_layer_pairs=[[1,2],[1,3]]"  # both on the last stage at PP=2 too
 SEED = 1234  # train.seed's default: the projection's init seed

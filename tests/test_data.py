@@ -155,6 +155,7 @@ def test_cached_indexed_tokenizes_once(tok, train_slice, tmp_path, monkeypatch):
     assert indexed.cached_indexed(prefix, tok) == prefix  # an indexed prefix is used as is
 
 
+@pytest.mark.dist
 def test_loader_on_two_ranks_matches_one(tok, smollm2_dir, train_slice, tmp_path):
     prefix = tmp_path / "slice"
     indexed.write_indexed(read_documents(train_slice), tok, prefix, progress=False)

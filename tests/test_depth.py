@@ -144,6 +144,7 @@ def test_saved_scores_rebuild_the_same_plan(deep, tmp_path):
     assert set(range(6)) - set(keep4.keep_layers) == set(torch.argsort(order)[:2].tolist())
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc, tp", [(2, 2), (2, 1)])
 def test_depth_scores_do_not_depend_on_tp_or_dp(deep_llama, tmp_path, nproc, tp):
     torch.manual_seed(0)
@@ -192,6 +193,7 @@ def test_good_depth_configs_load():
                        "importance.scores_path=/s", "parallel.pipeline_model_parallel_size=2"])
 
 
+@pytest.mark.dist
 def test_prune_command_with_block_loss(tiny_llama_tok, tmp_path):
     """launch/prune.py end to end: block_loss scores saved with the others, the plan rebuilt from them."""
     text = ROOT / "tests" / "data" / "hamlet_excerpt.txt"

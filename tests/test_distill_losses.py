@@ -109,6 +109,7 @@ def test_vocab_parallel_log_softmax_tp1():
     torch.testing.assert_close(g, g2)
 
 
+@pytest.mark.dist
 def test_all_kinds_equal_reference_at_tp2():
     """Real 2-process gloo job: half the (padded) vocab per rank; values and gathered grads within 1e-5."""
     proc = torchrun("kd_loss_tp.py", "2", nproc=2, timeout=180)

@@ -109,6 +109,7 @@ def generated(tiny_llama_tok, tmp_path_factory):
     return out
 
 
+@pytest.mark.dist
 def test_launcher_tp2_output_equals_in_process_tp1(generated, teacher, tokenizer, prefix):
     """The JSONL written at TP=2 (KV cache) holds, line by line, what TP=1 generates in this process from
     the same seeded corpus prompts: the output depends on the seed only."""
@@ -132,6 +133,7 @@ def test_launcher_tp2_output_equals_in_process_tp1(generated, teacher, tokenizer
     assert not list(generated.glob(".*tmp*"))
 
 
+@pytest.mark.dist
 def test_student_trains_with_lm_loss_on_synthetic_data(tiny_llama_tok, generated, tmp_path):
     out = tmp_path / "lm"
     torchrun(ROOT / "launch" / "distill.py", f"model.load={tiny_llama_tok}", f"distill.student.load={tiny_llama_tok}",

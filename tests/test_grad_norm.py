@@ -13,6 +13,8 @@ from dist_utils import ROOT, torchrun
 
 from megaslim.model.hf import HFReader
 
+pytestmark = pytest.mark.dist  # multi-process (torchrun over gloo)
+
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
 CLIP = 1e-6  # far below the norm (~0.04): clipping active, and small enough that Adam's eps makes the
 #             update depend on the clip factor (Adam alone is nearly blind to a gradient's scale)

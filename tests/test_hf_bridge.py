@@ -6,6 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from megaslim.model.hf import HFReader
 
+pytestmark = pytest.mark.dist  # multi-process (torchrun over gloo)
+
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):

@@ -122,6 +122,7 @@ def _close(a: ImportanceScores, b: ImportanceScores, rel: float):
         assert (x - y).abs().max().item() <= rel * y.abs().max().item() + 1e-7, n
 
 
+@pytest.mark.dist
 def test_scores_identical_at_any_layout_dp_split_and_micro_batch(tiny_llama, tmp_path):
     torch.manual_seed(0)
     rows = tmp_path / "rows.pt"
@@ -223,6 +224,7 @@ def test_smollm2_scores_match_plain_hf_hooks(smollm2_dir, smol_rows, megatron_tp
         assert (mine - r).abs().max().item() <= 1e-4 * r.abs().max().item(), name
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_smollm2_scores_equal_at_tp3_and_pp2(smollm2_dir, smol_rows, tmp_path):
     _, rows = smol_rows

@@ -8,6 +8,8 @@ import sys
 import pytest
 from dist_utils import ROOT, torchrun
 
+pytestmark = pytest.mark.dist  # multi-process (torchrun over gloo)
+
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
 COMMON = [f"data.train_path={TEXT}", f"data.eval_path={TEXT}", "data.seq_length=32", "train.micro_batch_size=2",
           "train.global_batch_size=8", "train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_iters=1",

@@ -168,6 +168,7 @@ def _prune(tmp_path, model_dir, name, tp, pp, ttp, tpp, *extra):
     return out
 
 
+@pytest.mark.dist
 def test_pruned_weights_identical_at_any_layout_and_export_matches(tiny_llama_tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -356,6 +357,7 @@ def test_fold_mode_defaults_to_proj_sum_and_old_plans_load_as_written(tiny, tmp_
     assert PrunePlan.from_json(json.dumps({**folded, "fold_mode": "laco"})).fold_mode == "laco"
 
 
+@pytest.mark.dist
 def test_launcher_iterative_and_fold_at_tp2_written_at_pp2(tiny_llama_tok, tmp_path):
     text = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
     data = [f"data.eval_path={text}", f"data.calib_path={text}", "importance.num_samples=8"]

@@ -6,6 +6,7 @@ import pytest
 from dist_utils import ROOT, torchrun
 
 
+@pytest.mark.dist
 def test_failing_rank_ends_job_quickly():
     # A hang would last the gloo timeout (30 min); the subprocess timeout catches it without timing the machine.
     proc = torchrun("fail_one_rank.py", nproc=2, check=False, timeout=300)

@@ -13,6 +13,8 @@ from megaslim.model.arch import ModelArch
 from megaslim.prune.search import _width_values, candidates, enumerate_shapes
 from megaslim.sources import resolve_source, source_arch
 
+pytestmark = pytest.mark.dist  # multi-process (torchrun over gloo)
+
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
 # SmolLM2-135M's shape (9 heads in 3 groups, tied embeddings)
 SMOL = ModelArch(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megaslim.data.packing import pack_rows, read_documents
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 TEXT = Path(__file__).resolve().parent / "data" / "hamlet_excerpt.txt"
 SEQ, ROWS = 128, 4
 

@@ -148,6 +148,7 @@ def test_magnitude_and_wanda_masks_equal_direct_references(tp1, rows, tiny_llama
 # -- TP=2 == TP=1, through checkpoints -----------------------------------------------------------------
 
 
+@pytest.mark.dist
 def test_masks_at_tp2_equal_tp1(tp1, rows, tiny_llama_tok, tmp_path):
     from megaslim.sparsity.apply import compute_masks
     from megaslim.sparsity.store import load_masks
@@ -206,6 +207,7 @@ def _distill_args(student, out, *extra):
             "train.weight_decay=0.1", "eval.num_samples=2", "data.micro_batch_size=2", *extra]
 
 
+@pytest.mark.dist
 def test_prune_distill_resume_keep_exact_sparsity(megatron_tp1, tiny_llama_tok, tmp_path):
     prune = tmp_path / "prune"
     # width pruning then 2:4 Wanda on the pruned model, at TP=2
@@ -266,6 +268,7 @@ def test_resume_without_masks_refused():
     assert check_resume({"extra": {}, "sharded_extra": ["optimizer"]}, None, "ckpt") is False
 
 
+@pytest.mark.dist
 def test_sparsity_alone_skips_the_importance_pass(tiny_llama_tok, tmp_path):
     out = tmp_path / "s"
     torchrun(ROOT / "launch" / "prune.py", f"model.load={tiny_llama_tok}", f"output_dir={out}",

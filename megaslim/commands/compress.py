@@ -29,7 +29,7 @@ from megaslim.commands import cli
 from megaslim.commands import distill as distill_cmd
 from megaslim.commands import plan as plan_cmd
 from megaslim.commands import prune as prune_cmd
-from megaslim.config import Config, validate, validate_compress
+from megaslim.config import Config, check_output_dir_writable, validate, validate_compress
 from megaslim.errors import MegaslimError
 from megaslim.figures import pyplot, save_png
 from megaslim.prune.apply import reinit_parallel
@@ -78,6 +78,8 @@ def _layout(cfg: Config, layout: ParallelLayout) -> None:
 
 def check(cfg: Config) -> tuple[ParallelLayout, list]:
     """(layout, round targets), validated against each other before anything runs; the layout first."""
+    validate(cfg)  # load_config ran it; configs built in code need it too
+    check_output_dir_writable(cfg.output_dir)
     layout = ParallelLayout.from_config(cfg)
     check_layout(layout.world_size, layout.target_tp or layout.tp, layout.target_pp or layout.pp)  # prune output
     layout.check_global_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size)

@@ -11,12 +11,12 @@ from typing import Optional, Sequence
 from megaslim import io as mio
 from megaslim import report
 from megaslim.commands import cli
-from megaslim.config import Config
+from megaslim.config import Config, check_output_dir_writable
 from megaslim.data.heldout import heldout_rows
 from megaslim.eval import evaluate_rows
 from megaslim.model.arch import check_parallel_layout
 from megaslim.runtime import ParallelLayout
-from megaslim.sources import load_model, resolve_source, source_arch
+from megaslim.sources import check_positions, load_model, resolve_source, source_arch
 from megaslim.tokenizer import load_tokenizer
 
 RESULT = "eval.json"
@@ -24,11 +24,13 @@ RESULT = "eval.json"
 
 def validate(cfg: Config) -> dict:
     """Every input check and the held-out rows, before any process group exists."""
+    check_output_dir_writable(cfg.output_dir)
     source = resolve_source(cfg.model.load)
     arch = source_arch(source)
     # The model's fit before the world size: its message names the TP sizes that fit the model.
     check_parallel_layout(arch, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     layout = ParallelLayout.from_config(cfg)
+    check_positions(arch, cfg.data.seq_length)  # after the layout: its errors come first
     tokenizer = load_tokenizer(cfg.model, source)
     rows = heldout_rows(cfg.data.eval_path, tokenizer, seq_length=cfg.data.seq_length,
                         num_samples=cfg.eval.num_samples)

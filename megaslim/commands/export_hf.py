@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from megaslim import report
 from megaslim.commands import cli
-from megaslim.config import Config
+from megaslim.config import Config, check_output_dir_writable
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import check_parallel_layout
 from megaslim.model.hf import check_output_dir, export_hf
@@ -21,6 +21,7 @@ from megaslim.sources import load_model, resolve_source, source_arch
 def validate(cfg: Config) -> dict:
     """Output folder, source, layout and tokenizer, before any process group exists."""
     out = Path(cfg.export.hf_dir or Path(cfg.output_dir) / "hf")
+    check_output_dir_writable(out, "export.hf_dir" if cfg.export.hf_dir else "output_dir")
     check_output_dir(out)
     source = resolve_source(cfg.model.load)
     arch = source_arch(source)

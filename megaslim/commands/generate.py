@@ -23,15 +23,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megaslim import config, report
 from megaslim import io as mio
-from megaslim import report
 from megaslim.commands import cli
 from megaslim.config import Config, GenerateConfig
 from megaslim.data.corpora import data_path
 from megaslim.data.indexed import cached_indexed
 from megaslim.distill.generate import (
     batch_generator,
-    check_settings,
     draw_prompts,
     generate_batch,
     make_batches,
@@ -52,13 +51,14 @@ DEFAULT_OUTPUT = "synthetic.jsonl"
 def validate(cfg: Config) -> dict:
     """Every check and the prompt set, before distributed work."""
     s = cfg.generate
-    check_settings(s)
-    pp = cfg.parallel.pipeline_model_parallel_size
-    if pp != 1:
-        raise MegaslimError(f"generation runs at parallel.pipeline_model_parallel_size=1 (got {pp}); "
-                            "shard a large teacher with tensor parallelism instead")
+    config.validate(cfg)  # load_config ran it; configs built in code need it too
+    config.validate_generate(cfg)
+    config.check_output_dir_writable(cfg.output_dir)  # generate.json
+    if s.output:
+        config.check_output_file_writable(s.output, "generate.output")
     layout = ParallelLayout.from_config(cfg)
-    src = resolve_source(cfg.distill.teacher.load or cfg.model.load)
+    src = resolve_source(cfg.distill.teacher.load or cfg.model.load,
+                         "distill.teacher.load" if cfg.distill.teacher.load else "model.load")
     arch = source_arch(src)
     check_parallel_layout(arch, layout.tp, layout.pp)
     tokenizer = load_tokenizer(cfg.model, src)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from megaslim import checkpoint, report
 from megaslim import io as mio
 from megaslim.commands import cli
-from megaslim.config import Config
+from megaslim.config import Config, check_output_dir_writable
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import check_parallel_layout
 from megaslim.runtime import ParallelLayout
@@ -25,6 +25,7 @@ RESULT = "import_ckpt.json"
 def validate(cfg: Config) -> dict:
     """Output folder, source, layout and tokenizer, before any process group exists."""
     out = Path(cfg.output_dir)
+    check_output_dir_writable(out)
     checkpoint.check_output_dir(out)
     source = resolve_source(cfg.model.load)
     arch = source_arch(source)

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 
 from megaslim import io as mio
 from megaslim import report
-from megaslim.config import Config, load_config
+from megaslim.commands.cli import CHECK_HELP
+from megaslim.config import Config, check_output_dir_writable, load_config
 from megaslim.data.corpora import data_path
 from megaslim.data.indexed import as_prefix, write_indexed
 from megaslim.data.packing import read_documents
@@ -35,6 +36,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, Con
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="tokenizer processes (default: min(8, cores))")
     parser.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.bin/.idx")
+    parser.add_argument("--check", action="store_true", help=CHECK_HELP)
     args = parser.parse_args(argv)
     if (args.input is None) != (args.output_prefix is None):
         parser.error("--input and --output-prefix go together")
@@ -56,18 +58,24 @@ def jobs(args: argparse.Namespace, cfg: Config) -> list[tuple[str, Path, Path]]:
             raise MegaslimError(f"{what}={src} is already an indexed dataset; nothing to preprocess")
         if not src.is_file() or src.suffix not in (".jsonl", ".txt"):
             raise MegaslimError(f"{what}={src}: expected an existing .jsonl (field \"text\") or .txt file")
+        check_output_dir_writable(prefix.parent, "--output-prefix" if args.input is not None else "output_dir")
         existing = [p for p in (Path(f"{prefix}.bin"), Path(f"{prefix}.idx")) if p.exists()]
         if existing and not args.overwrite:
             raise MegaslimError(f"{existing[0]} already exists; pass --overwrite or choose another output")
     return todo
 
 
+def check(args: argparse.Namespace, cfg: Config):
+    """(jobs, tokenizer source, tokenizer): every check before any tokenization."""
+    todo = jobs(args, cfg)
+    source = resolve_source(cfg.model.load) if cfg.model.tokenizer is None else None
+    return todo, source, load_tokenizer(cfg.model, source)
+
+
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Tokenize every job into PREFIX.bin/.idx and write preprocess.json; returns its content."""
     timer = report.Timer()
-    todo = jobs(args, cfg)
-    source = resolve_source(cfg.model.load) if cfg.model.tokenizer is None else None
-    tokenizer = load_tokenizer(cfg.model, source)
+    todo, source, tokenizer = check(args, cfg)
     results = []
     for what, src, prefix in todo:
         stats = write_indexed(read_documents(src), tokenizer, prefix, workers=args.workers,
@@ -88,4 +96,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args, cfg = parse(argv)
+    if args.check:
+        todo = check(args, cfg)[0]
+        print(f"ok: preprocess_data: {len(todo)} input(s) and their outputs check out (nothing written)", flush=True)
+        raise SystemExit(0)
     return run(cfg, args)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megaslim import report
+from megaslim import config, report
 from megaslim.commands import cli
 from megaslim.config import Config
 from megaslim.data.corpora import data_path
@@ -32,7 +32,6 @@ from megaslim.distill.offline import (
     INDEX,
     ShardWriter,
     begin_store,
-    check_settings,
     data_identity,
     finish_store,
     is_offline_dir,
@@ -46,27 +45,27 @@ from megaslim.eval import evaluate_rows
 from megaslim.model.arch import check_parallel_layout
 from megaslim.model.forward import run_forward
 from megaslim.runtime import ParallelLayout
-from megaslim.sources import load_model, resolve_source, source_arch
+from megaslim.sources import check_positions, load_model, resolve_source, source_arch
 from megaslim.tokenizer import load_tokenizer
 
 
 def validate(cfg: Config) -> dict:
     """Every check before distributed work: layout, steps, teacher, k, output directory, data."""
-    check_settings(cfg.offline)
+    config.validate(cfg)  # load_config ran it; configs built in code need it too
+    config.check_output_dir_writable(cfg.output_dir)
     layout = ParallelLayout.from_config(cfg)
     t = cfg.train
-    if t.train_iters < 1:
-        raise MegaslimError("train.train_iters must be >= 1")
     layout.check_global_batch(t.global_batch_size, t.micro_batch_size)
     load = cfg.distill.teacher.load or cfg.model.load
     if is_offline_dir(load):
         raise MegaslimError(f"{load} already holds offline logits; name the teacher model with "
                             "distill.teacher.load or model.load")
-    src = resolve_source(load)
+    src = resolve_source(load, "distill.teacher.load" if cfg.distill.teacher.load else "model.load")
     arch = source_arch(src)
     check_parallel_layout(arch, layout.tp, layout.pp)
+    check_positions(arch, cfg.data.seq_length, "the teacher")
     k = cfg.distill.top_k
-    if isinstance(k, bool) or not 1 <= k <= arch.vocab_size:
+    if k > arch.vocab_size:  # k >= 1 is the config's
         raise MegaslimError(f"distill.top_k={k} must be in [1, vocab_size={arch.vocab_size}]")
     tokenizer = load_tokenizer(cfg.model, src)
     out = Path(cfg.output_dir)

@@ -25,6 +25,7 @@ from megaslim.config.choices import (
 )
 from megaslim.config.errors import ConfigError
 from megaslim.config.load import load_config, to_dict, to_yaml
+from megaslim.config.paths import check_output_dir_writable, check_output_file_writable
 from megaslim.config.schema import (
     CheckpointConfig,
     CompressConfig,
@@ -60,6 +61,7 @@ __all__ = [
     "FoldMode", "Fp8Mode", "Fp8Recipe", "GenerateConfig", "ImportanceConfig", "IntermediateLoss", "KLKind",
     "LayerMetric", "LoadSpec", "ModelConfig", "NeuronSignal", "OfflineConfig", "ParallelConfig", "PruneConfig",
     "SearchAxis", "SearchConfig", "SparsityConfig", "SparsityMethod", "SparsityPattern", "TrainConfig",
-    "TransformerImpl", "load_config", "to_dict", "to_yaml", "validate", "validate_compress", "validate_distill",
+    "TransformerImpl", "check_output_dir_writable", "check_output_file_writable",
+    "load_config", "to_dict", "to_yaml", "validate", "validate_compress", "validate_distill",
     "validate_generate", "validate_prune",
 ]

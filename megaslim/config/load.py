@@ -10,7 +10,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megaslim.config.choice_check import choice_message, field_choice
@@ -32,13 +33,32 @@ def _friendly(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"config key '{key}': {msg}" if key else msg)
 
 
+def _read_yaml(p: Path):
+    """The YAML file `p` as an OmegaConf node; a missing, unreadable or malformed file in one line."""
+    if p.is_dir():
+        raise ConfigError(f"--config {p} is a directory; give a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        node = OmegaConf.load(p)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--config {p}: not valid YAML{where}: {what}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {p}: not UTF-8 text; give a YAML file") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"--config {p}: expected a mapping of config sections (model:, data:, ...), "
+                          f"got a {type(node).__name__}")
+    return node
+
+
 def _merged(path: Optional[str | Path], overrides: Optional[list[str]]):
     merged = OmegaConf.structured(Config)
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        merged = OmegaConf.merge(merged, OmegaConf.load(p))
+        merged = OmegaConf.merge(merged, _read_yaml(p))
     if overrides:
         for item in overrides:
             if "=" not in item:

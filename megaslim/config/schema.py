@@ -29,7 +29,7 @@ class ModelConfig:
     # HF dir | .gguf file | torch_dist checkpoint dir; unset = the embedded SmolLM2-135M-Instruct.
     load: Optional[str] = None
     transformer_impl: TransformerImpl = TransformerImpl.local  # modelopt = TE norms + separate linears
-    core_attention: CoreAttention = CoreAttention.local  # local spec only: sdpa | local (megatron's)
+    core_attention: CoreAttention = CoreAttention.sdpa  # transformer_impl=local only (TE/modelopt: TE's kernels)
     params_dtype: DType = DType.float32
     make_vocab_size_divisible_by: int = 128
     trust_remote_code: bool = False
@@ -67,6 +67,8 @@ class ImportanceConfig:
     seq_agg: Aggregation = Aggregation.mean
     batch_agg: Aggregation = Aggregation.l2
     neuron_signal: NeuronSignal = NeuronSignal.fc2_input
+    # scores saved with the others: bi (always), loss (one pass per layer), block_loss (for the k of
+    # prune.export_config.num_layers); greedy_loss is refused here (prune.layer_metric runs it)
     layer_metrics: list[LayerMetric] = field(default_factory=lambda: [LayerMetric.bi])
     layer_loss_samples: int = 64
     scores_path: Optional[str] = None
@@ -95,8 +97,10 @@ class SparsityConfig:
 class PruneConfig:
     export_config: ExportConfigShape = field(default_factory=ExportConfigShape)
     drop_layers: list[int] = field(default_factory=list)  # explicit source layers to drop
-    layer_metric: LayerMetric = LayerMetric.bi  # ranking used for depth pruning without drop_layers
-    drop_contiguous: bool = False  # drop the contiguous block with the least total importance
+    # depth pruning without drop_layers: bi | loss rank layers alone; block_loss (loss with each contiguous
+    # block removed) and greedy_loss (a few layers per round, re-scored) choose jointly (docs/pruning.md)
+    layer_metric: LayerMetric = LayerMetric.bi
+    drop_contiguous: bool = False  # bi/loss: drop the contiguous block of least total score (block_loss supersedes)
     layer_blocks: int = 1  # layer_metric=block_loss: the dropped layers form at most this many blocks
     plan_path: Optional[str] = None  # apply a saved PrunePlan JSON instead of building one
     target_params: Optional[float] = None  # parameter budget: search the shape (prune.search)

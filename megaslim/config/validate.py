@@ -78,6 +78,9 @@ def _check_counts(cfg: Config) -> None:
 
 def _check_train(cfg: Config) -> None:
     t = cfg.train
+    for key in ("lr", "min_lr", "clip_grad", "weight_decay"):
+        if not getattr(t, key) >= 0:  # also NaN
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
     if t.warmup_iters >= (t.lr_decay_iters or t.train_iters):
         raise ConfigError(f"train.warmup_iters={t.warmup_iters} must be smaller than train.lr_decay_iters "
                           f"(or train.train_iters when unset) = {t.lr_decay_iters or t.train_iters}")
@@ -109,6 +112,46 @@ def _check_prune_target(cfg: Config) -> None:
     if (depth_by_importance and not cfg.importance.only and p.layer_metric == "loss"
             and "loss" not in cfg.importance.layer_metrics and not cfg.importance.scores_path):
         raise ConfigError("prune.layer_metric=loss needs importance.layer_metrics to include loss")
+
+
+def _check_drop_list(cfg: Config) -> None:
+    """prune.drop_layers as written: each source layer once (their range needs the model's layer count)."""
+    seen = cfg.prune.drop_layers
+    twice = sorted({i for i in seen if seen.count(i) > 1})
+    if twice:
+        raise ConfigError(f"prune.drop_layers lists layer(s) {twice} more than once; list each layer to drop once")
+
+
+def _check_depth(cfg: Config) -> None:
+    """prune.layer_metric=block_loss / greedy_loss, prune.layer_blocks and importance.layer_metrics (the
+    counts against the source's layers are megaslim.prune.depth.check_depth_request's)."""
+    p, imp = cfg.prune, cfg.importance
+    if p.layer_blocks < 1:
+        raise ConfigError(f"prune.layer_blocks={p.layer_blocks} must be >= 1")
+    if "greedy_loss" in imp.layer_metrics:
+        raise ConfigError("importance.layer_metrics: greedy_loss removes layers for one prune target, it is not "
+                          "a score of every layer; set prune.layer_metric=greedy_loss")
+    joint = p.layer_metric in ("block_loss", "greedy_loss")
+    if p.layer_blocks > 1 and p.layer_metric != "block_loss":
+        raise ConfigError(f"prune.layer_blocks={p.layer_blocks} sets block_loss's blocks; "
+                          f"prune.layer_metric={p.layer_metric} does not use it")
+    if not joint and "block_loss" not in imp.layer_metrics:
+        return
+    what = f"prune.layer_metric={p.layer_metric}" if joint else "importance.layer_metrics: block_loss"
+    builds = joint and not imp.only and not p.plan_path
+    for bad, why in ((builds and bool(p.drop_layers), "chooses the layers to drop; unset prune.drop_layers"),
+                     (builds and p.drop_contiguous, "supersedes prune.drop_contiguous (a block by BI); unset it"),
+                     (builds and p.target_params is not None, "scores one depth; prune.target_params tries several"),
+                     (builds and p.iterative > 1, "chooses every layer in one pass; set prune.iterative=1")):
+        if bad:
+            raise ConfigError(f"{what} {why}")
+    computes = not imp.scores_path and not (p.plan_path and not imp.only)
+    if computes and p.export_config.num_layers is None and (imp.only or joint):
+        raise ConfigError(f"{what} scores removing k layers: set prune.export_config.num_layers")
+    if computes and cfg.parallel.pipeline_model_parallel_size != 1:
+        raise ConfigError(f"{what} reruns the layers after each candidate in one process and needs "
+                          "parallel.pipeline_model_parallel_size=1 (write the result at any PP with "
+                          "prune.target_pipeline_model_parallel_size)")
 
 
 def target_params_clashes(cfg: Config) -> list[str]:
@@ -197,8 +240,8 @@ def _check_generate(cfg: Config) -> None:
         raise ConfigError(f"generate.top_p must be in (0, 1] (got {g.top_p})")
 
 
-_SECTIONS = (_check_counts, _check_train, _check_prune_target, _check_target_params, _check_iterative,
-             _check_sparsity_and_search, _check_distill, _check_generate)
+_SECTIONS = (_check_counts, _check_train, _check_prune_target, _check_drop_list, _check_depth, _check_target_params,
+             _check_iterative, _check_sparsity_and_search, _check_distill, _check_generate)
 
 
 def validate(cfg: Config) -> None:
@@ -218,8 +261,19 @@ def _check_wanda_spec(cfg: Config) -> None:
                           "model.transformer_impl=modelopt or local")
 
 
+def _prunes_something(cfg: Config) -> bool:
+    p = cfg.prune
+    return bool(cfg.importance.only or p.plan_path or p.drop_layers or p.target_params is not None
+                or p.sparsity.method is not None or p.target_tensor_model_parallel_size
+                or p.target_pipeline_model_parallel_size
+                or any(v is not None for v in vars(p.export_config).values()))
+
+
 def validate_prune(cfg: Config) -> None:
     """launch/prune.py (and compress's prune stages)."""
+    if not _prunes_something(cfg):
+        raise ConfigError("nothing to prune: set a target (prune.export_config.*, prune.drop_layers, "
+                          "prune.target_params or prune.plan_path), prune.sparsity.method, or importance.only=true")
     if cfg.prune.sparsity.method is not None and cfg.importance.only:
         raise ConfigError("prune.sparsity.method is applied after pruning; importance.only=true stops before it")
     _check_wanda_spec(cfg)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from megaslim import assets
 from megaslim import io as mio
-from megaslim.data.documents import read_text_documents
+from megaslim.data.documents import check_data_file, read_text_documents
 from megaslim.errors import MegaslimError
 
 _IDX_HEADER = b"MMIDIDX\x00\x00"  # megatron's .idx magic (indexed_dataset._INDEX_HEADER)
@@ -161,10 +161,10 @@ def cached_indexed(path: str | os.PathLike, tokenizer, *, workers: Optional[int]
     into the megaslim cache (keyed by file content and tokenizer) under a file lock."""
     prefix = as_prefix(path)
     if prefix is not None:
+        open_indexed(prefix)  # a foreign or truncated pair is refused now, not after the model is built
         return prefix
     p = Path(path)
-    if not p.is_file():
-        raise MegaslimError(f"data file not found: {p} (expected .jsonl, .txt or an indexed prefix)")
+    check_data_file(p)
     key = f"{p.stem[:40]}-{assets.sha256_of(p)[:16]}-{tokenizer_fingerprint(tokenizer)}"
     out = assets.cache_dir() / "indexed" / key
     with assets.lock(f"indexed-{key}"):

@@ -36,7 +36,6 @@ RECIPES = {  # name -> (TE recipe class, minimum compute capability, FP8 alignme
     "mxfp8": ("MXFP8BlockScaling", (10, 0), 32),
 }
 ALIASES = {"current": "tensorwise"}
-AMAX_ALGOS = ("max", "most_recent")
 
 
 @dataclass
@@ -72,26 +71,16 @@ def _shard_widths(arch, tp: int) -> dict[str, int]:
     }
 
 
-def fp8_problems(s: Fp8Settings, *, transformer_impl: str, te_error: Optional[str], te_version: Optional[str],
+def fp8_problems(s: Fp8Settings, *, te_error: Optional[str], te_version: Optional[str],
                  te_recipes: Optional[set], te_fp8_reason: Optional[str], cuda: bool,
-                 capability: Optional[tuple], archs: list, tp: int, tokens_per_micro_batch: int) -> list[str]:
-    """Every reason why FP8 cannot run in this environment/config (empty list: it can).
+                 capability: Optional[tuple], archs: list, tp: int) -> list[str]:
+    """Every reason why FP8 cannot run in this environment with these models (empty list: it can).
+    The settings themselves, the layer spec and the tokens per micro-batch are the config's to refuse
+    (megaslim.config.validate_distill).
 
     archs: [(name, ModelArch), ...] of the models that run under FP8. The environment arguments come
     from `environment()`; they are explicit so the logic is testable without a GPU."""
     problems = []
-    if s.mode not in MODES:
-        problems.append(f"distill.fp8={s.mode!r} is not one of {list(MODES)}")
-    if s.recipe not in RECIPES:
-        problems.append(f"FP8 recipe {s.recipe!r} is unknown: choose one of {list(RECIPES)} "
-                        f"(or {list(ALIASES)})")
-    if s.amax_compute_algo not in AMAX_ALGOS:
-        problems.append(f"fp8_amax_compute_algo={s.amax_compute_algo!r} is not one of {list(AMAX_ALGOS)}")
-    if isinstance(s.amax_history_len, bool) or s.amax_history_len < 1:
-        problems.append(f"fp8_amax_history_len must be >= 1 (got {s.amax_history_len})")
-    if transformer_impl != "transformer_engine":
-        problems.append(f"distill.fp8 needs the Transformer Engine layer spec: set "
-                        f"model.transformer_impl=transformer_engine (got {transformer_impl})")
     if te_error is not None:
         problems.append(f"distill.fp8 needs Transformer Engine, which does not import here ({te_error}); "
                         "use an NGC PyTorch container or install megaslim[te] on a CUDA machine")
@@ -115,9 +104,6 @@ def fp8_problems(s: Fp8Settings, *, transformer_impl: str, te_error: Optional[st
         if bad:
             problems.append(f"FP8 GEMMs need widths that are multiples of {align}; the {name} at TP={tp} has "
                             + ", ".join(f"{k}={v}" for k, v in bad.items()))
-    if tokens_per_micro_batch % align:
-        problems.append(f"FP8 GEMMs need a multiple of {align} tokens per micro-batch; "
-                        f"train.micro_batch_size x data.seq_length = {tokens_per_micro_batch}")
     return problems
 
 
@@ -157,9 +143,7 @@ def check_fp8(cfg, *, archs: list, tp: int) -> Optional[Fp8Settings]:
     s = settings_from_config(cfg)
     if s is None:
         return None
-    problems = fp8_problems(s, transformer_impl=cfg.model.transformer_impl, archs=archs, tp=tp,
-                            tokens_per_micro_batch=cfg.train.micro_batch_size * cfg.data.seq_length,
-                            **environment())
+    problems = fp8_problems(s, archs=archs, tp=tp, **environment())
     if problems:
         raise MegaslimError(f"distill.fp8={s.mode} cannot run: " + "; ".join(problems))
     return s

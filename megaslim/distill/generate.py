@@ -25,24 +25,9 @@ import torch
 import torch.distributed as dist
 
 from megaslim import io as mio
-from megaslim.config import GenerateConfig
 from megaslim.data.indexed import open_indexed
 from megaslim.data.packing import read_documents
 from megaslim.errors import MegaslimError
-
-
-def check_settings(s: GenerateConfig) -> None:
-    problems = []
-    for name in ("num_prompts", "prompt_length", "max_new_tokens", "batch_size"):
-        v = getattr(s, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            problems.append(f"generate.{name} must be an integer >= 1 (got {v!r})")
-    if not s.temperature >= 0:
-        problems.append(f"generate.temperature must be >= 0 (got {s.temperature}); 0 means greedy")
-    if not 0 < s.top_p <= 1:
-        problems.append(f"generate.top_p must be in (0, 1] (got {s.top_p})")
-    if problems:
-        raise MegaslimError("; ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ from safetensors.torch import save_file
 from megaslim import assets
 from megaslim import checkpoint as ckpt
 from megaslim import io as mio
-from megaslim.config import OfflineConfig
 from megaslim.data.indexed import tokenizer_fingerprint
 from megaslim.data.loaders import gpt_dataset, micro_batches
 from megaslim.distill.losses import _prepare, _sum_to_replicated, _tp, vocab_parallel_topk
@@ -54,13 +53,6 @@ INDEX = "teacher_logits.json"
 SHARDS = "shards"
 TOKENIZER = "tokenizer"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def check_settings(s: OfflineConfig) -> None:
-    if s.dtype not in DTYPES:
-        raise MegaslimError(f"offline.dtype={s.dtype!r} is not one of {list(DTYPES)}")
-    if isinstance(s.samples_per_shard, bool) or s.samples_per_shard < 1:
-        raise MegaslimError(f"offline.samples_per_shard must be >= 1 (got {s.samples_per_shard})")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -129,7 +130,22 @@ def read_hf_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise MegaslimError(f"{path} is not a Hugging Face model directory (no config.json)")
-    return json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise MegaslimError(f"{cfg_file}: not valid JSON ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(cfg, dict):
+        raise MegaslimError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def refused_unpickle(path: Path, err: Exception) -> MegaslimError:
+    """torch.load(weights_only=True) refused `path`: say what, without torch's advice to lift the guard."""
+    text = str(err)
+    found = [line.strip() for line in text.splitlines() if "Unsupported" in line or "GLOBAL" in line]
+    what = found[0] if found else (text.splitlines()[0][:160] if text else type(err).__name__)
+    return MegaslimError(f"{path}: refused to unpickle ({what}); megaslim reads only plain tensors from pickles. "
+                         "Use a safetensors copy of the weights from a source you trust")
 
 
 def _sliding_window(cfg: dict) -> Optional[int]:
@@ -194,6 +210,13 @@ def check_hf_config(cfg: dict) -> None:
 
 def arch_from_hf_config(cfg: dict) -> ModelArch:
     check_hf_config(cfg)
+    try:
+        return _arch_from_checked(cfg)
+    except (KeyError, TypeError, ZeroDivisionError) as err:
+        raise MegaslimError(f"config.json of model_type={cfg.get('model_type')!r} lacks or mistypes {err}") from None
+
+
+def _arch_from_checked(cfg: dict) -> ModelArch:
     family = cfg["model_type"]
     heads = cfg["num_attention_heads"]
     theta, scaling, partial = _rope(cfg)
@@ -239,7 +262,10 @@ class HFReader:
                     for k in h.keys():
                         self._where[k] = f.name
         elif (self.path / "pytorch_model.bin").is_file():
-            self._state = torch.load(self.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            try:
+                self._state = torch.load(self.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise refused_unpickle(self.path / "pytorch_model.bin", err) from None
         else:
             raise MegaslimError(f"{self.path} holds no *.safetensors or pytorch_model.bin weights")
         self._safe_open = safe_open
@@ -351,6 +377,8 @@ def megatron_to_hf_tensors(state: dict[str, torch.Tensor], arch: ModelArch) -> d
 
 def check_output_dir(path: Path) -> None:
     """Refuse to replace a directory that is not a previous megaslim export."""
+    if path.exists() and not path.is_dir():
+        raise MegaslimError(f"{path} exists and is a file; choose an empty or new export.hf_dir")
     if path.exists() and any(path.iterdir()) and not (path / EXPORT_MARKER).is_file():
         raise MegaslimError(
             f"{path} exists and is not a megaslim export; choose an empty or new export.hf_dir"

@@ -6,6 +6,7 @@ import os
 import random
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -100,15 +101,21 @@ def rank0_print(*args, **kwargs) -> None:
 def main_guard(main: Callable[[], None]) -> None:
     """Run a launcher's main. Any exception on any rank ends this process at once with exit code 1
     (torchrun then stops the other ranks), so a failing rank never leaves the job hanging on a
-    collective. User errors print one line; others print the traceback, prefixed with the rank."""
+    collective. User errors print one line (exit 2); others print the traceback, prefixed with the rank.
+    A user error before the process group exists comes from the checks every rank runs alike: only the
+    first rank of each node says it (nodes may see different files), the others exit quietly."""
     rank = os.environ.get("RANK", "0")
     try:
         main()
     except SystemExit:
         raise
     except MegaslimError as err:
-        prefix = "" if rank == "0" else f"[rank {rank}] "
-        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        if rank == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        elif dist.is_initialized() or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"[rank {rank}] error: {err}", file=sys.stderr, flush=True)
+        else:  # a quiet rank that exits first makes torchrun stop rank 0 before it prints: let it speak
+            time.sleep(2)
         os._exit(2)
     except BaseException:  # noqa: BLE001 - report and bail out of every collective
         sys.stderr.write(f"[rank {rank}] " + traceback.format_exc())

@@ -144,11 +144,8 @@ def print_table(layers: list[dict], record: dict) -> None:
 
 
 def _wanda_rows(cfg, tokenizer, layout: ParallelLayout) -> torch.Tensor:
-    """Wanda's calibration rows, read now; each data-parallel rank of the pruned layout needs one."""
-    if cfg.model.transformer_impl == "transformer_engine":
-        raise MegaslimError("wanda needs each linear's input, which Transformer Engine's fused norm+linear "
-                            "hides (it sees the un-normalized hidden states); use "
-                            "model.transformer_impl=modelopt or local")
+    """Wanda's calibration rows, read now; each data-parallel rank of the pruned layout needs one (its
+    refusal of the TE spec is the config's: validate_prune)."""
     try:
         rows = calibration_rows(cfg.data.calib_path, tokenizer, num_samples=cfg.importance.num_samples,
                                 seq_length=cfg.data.seq_length)
@@ -168,8 +165,6 @@ def prepare_sparsity(cfg, arch, *, tokenizer, layout: Optional[ParallelLayout] =
     sp = cfg.prune.sparsity
     if sp.method is None:
         return Sparsity()
-    if cfg.importance.only:
-        raise MegaslimError("prune.sparsity.method is applied after pruning; importance.only=true stops before it")
     if arch is not None:
         check_pattern(arch, sp.pattern)
     rows = None
