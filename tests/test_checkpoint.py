@@ -250,3 +250,72 @@ def test_smollm2_saved_at_tp3_reloads_at_tp1_with_identical_logits(smollm2_dir, 
     tok = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))  # copied into the checkpoint
     assert Path(source.tokenizer_dir).parent == root / "iter_0000000"
     assert tok.eos_token_id == arch.eos_token_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk full during a save: the partial folder goes, one line names the last complete checkpoint
+
+
+def _assert_disk_full_handled(proc, root):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert (f"error: no space left on {root}, the last complete checkpoint is iter_0000001 "
+            f"({root / 'iter_0000001'})") in out, out[-3000:]
+    assert "] Traceback" not in out  # no rank printed a traceback of ours (torchrun's own report aside)
+    assert not list(root.glob("*.partial")) and sorted(p.name for p in root.iterdir()) == ["iter_0000001", "latest"]
+    assert checkpoint.verify(root)["iteration"] == 1
+
+
+def test_disk_full_in_one_ranks_writer(tiny_llama, tmp_path):
+    """ENOSPC where megatron's writer (forked from rank 1) writes its data file: rank 0, where DCP
+    gathers the failures, names the last complete checkpoint; the partial save is gone."""
+    root = tmp_path / "run"
+    proc = torchrun("ckpt_save.py", tiny_llama, root, 2, 1, "1,2", "--disk-full-at", "2", "1", nproc=2,
+                    timeout=240, check=False)
+    _assert_disk_full_handled(proc, root)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1.2 MB tmpfs (room for one checkpoint of the tiny model, not two); skipped where mount fails."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected fault above covers the writer")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_disk_full_on_a_small_tmpfs(tiny_llama, small_tmpfs):
+    root = small_tmpfs / "run"
+    proc = torchrun("ckpt_save.py", tiny_llama, root, 1, 1, "1,2", nproc=1, timeout=240, check=False)
+    _assert_disk_full_handled(proc, root)
+    assert shutil.disk_usage(small_tmpfs).free > 300_000  # the removed partial freed its space
+
+
+@pytest.mark.parametrize("err, full", [
+    (OSError(28, "No space left on device"), True),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), True),
+    (RuntimeError("Worker failure: [Errno 28] No space left on device: '/x/__1_0.distcp'"), True),
+    (RuntimeError("Worker failure: boom"), False),
+    (PermissionError(13, "Permission denied"), False),
+])
+def test_out_of_space_is_recognised_through_dcps_wrapping(err, full):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    assert checkpoint.is_out_of_space(err) is full
+    assert checkpoint.is_out_of_space(CheckpointException("write", {1: (err, None)})) is full
+    try:
+        try:
+            raise err
+        except BaseException as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as outer:
+        assert checkpoint.is_out_of_space(outer) is full

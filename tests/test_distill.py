@@ -33,7 +33,8 @@ def _losses(out):
     by_step = {}
     for r in lines:
         if "loss" in r:
-            by_step[r["step"]] = r["loss"]  # a resumed run rewrites its steps: the last one counts
+            assert r["step"] not in by_step, f"step {r['step']} appears twice in {out / 'metrics.jsonl'}"
+            by_step[r["step"]] = r["loss"]
     return by_step
 
 
@@ -93,8 +94,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_tok, plan, tmp_path
 
     torchrun(ROOT / "launch" / "distill.py", *_args(tiny_llama_tok, killed, plan, *common, "resume=true",
              f"export.hf_dir={killed}/hf"), nproc=2, timeout=300)
-    a, b = _losses(full), _losses(killed)
+    a, b = _losses(full), _losses(killed)  # each step once: the resumed run dropped the killed one's later steps
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    evals = [r["step"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in r]
+    assert evals == sorted(set(evals)) and evals[0] == 0
     for step in range(1, 7):
         assert a[step] == b[step], step  # bitwise on CPU
     wa, wb = HFReader(full / "hf"), HFReader(killed / "hf")

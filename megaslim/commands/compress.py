@@ -15,6 +15,7 @@ import copy
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -125,6 +126,16 @@ def _teacher_correction(cfg: Config, layout: ParallelLayout, out: Path) -> Optio
     return done
 
 
+def _drop_unfinished(pdir: Path) -> None:
+    """A prune stage killed after its checkpoint but before prune.json is redone: its checkpoint goes
+    (prune refuses to write over a checkpoint it did not finish describing)."""
+    ckpt_dir = pdir / "checkpoint"
+    if ckpt_dir.exists() and ParallelLayout.is_writer():
+        shutil.rmtree(ckpt_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _round(cfg: Config, layout: ParallelLayout, i: int, target, source: str, original: str, out: Path) -> dict:
     """Round i: prune `source` to `target`, distill it; the family member's record."""
     rdir = out / f"round{i}"
@@ -132,6 +143,7 @@ def _round(cfg: Config, layout: ParallelLayout, i: int, target, source: str, ori
     pruned = _done(pdir / "prune.json")
     if pruned is None:
         _layout(cfg, layout)
+        _drop_unfinished(pdir)
         pruned = prune_cmd.run(_stage_cfg(cfg, output_dir=str(pdir), model__load=source,
                                           prune__export_config=target, export__hf_dir=None,
                                           importance__only=False))

@@ -7,6 +7,8 @@ loss_curve.png, distill.json, tensorboard/.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from megaslim import checkpoint as ckpt
+from megaslim import config
 from megaslim import io as mio
 from megaslim.commands import cli
 from megaslim.config import Config, ModelConfig
@@ -34,6 +37,7 @@ from megaslim.distill.train import (
     plot_losses,
     resolve_pairs,
     step_batches,
+    truncate_metrics,
     write_metrics,
 )
 from megaslim.errors import MegaslimError
@@ -41,11 +45,12 @@ from megaslim.importance.calibrate import compute_importance
 from megaslim.importance.scores import ImportanceScores
 from megaslim.model.arch import ModelArch, check_parallel_layout
 from megaslim.model.hf import check_output_dir, export_hf
+from megaslim.prune.depth import depth_kwargs
 from megaslim.prune.plan import PrunePlan, build_plan, target_shape
 from megaslim.prune.student import student_from_plan
 from megaslim.report import Timer, is_rank0, summary_table
-from megaslim.runtime import ParallelLayout, Runtime
-from megaslim.sources import Source, load_model, resolve_source, source_arch
+from megaslim.runtime import ParallelLayout, Runtime, rank0_print
+from megaslim.sources import Source, check_positions, load_model, resolve_source, source_arch
 from megaslim.tokenizer import load_tokenizer
 
 
@@ -73,24 +78,16 @@ class Inputs:
 
 def validate(cfg: Config) -> Inputs:
     """Every check that needs no compute (layout first), and the sources and rows build() uses."""
+    config.validate(cfg)  # load_config ran it; configs built in code (compress stages) need it too
+    config.validate_distill(cfg)
     layout = ParallelLayout.from_config(cfg)  # layout errors come first
     layout.check_global_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size)
-    _check_schedule(cfg)
     inp = _validate_teacher(cfg, layout)
     _validate_student(cfg, inp)
     _check_pair(cfg, inp)
     _check_outputs(cfg)
     _read_data(cfg, inp)
     return inp
-
-
-def _check_schedule(cfg: Config) -> None:
-    t = cfg.train
-    if t.train_iters < 1:
-        raise MegaslimError("train.train_iters must be >= 1")
-    if t.warmup_iters >= (t.lr_decay_iters or t.train_iters):
-        raise MegaslimError(f"train.warmup_iters={t.warmup_iters} must be smaller than train.lr_decay_iters "
-                            f"(or train.train_iters when unset) = {t.lr_decay_iters or t.train_iters}")
 
 
 def _validate_teacher(cfg: Config, layout: ParallelLayout) -> Inputs:
@@ -102,17 +99,20 @@ def _validate_teacher(cfg: Config, layout: ParallelLayout) -> Inputs:
         tokenizer = load_tokenizer(cfg.model, _store_source(store))
         return Inputs(layout, tokenizer, store.teacher_arch, store=store,
                       teacher_identity=_named_teacher(cfg, tokenizer))
-    src = resolve_source(cfg.distill.teacher.load or cfg.model.load)
+    key = "distill.teacher.load" if cfg.distill.teacher.load else "model.load"
+    src = resolve_source(cfg.distill.teacher.load or cfg.model.load, key)
     arch = source_arch(src)
     check_parallel_layout(arch, layout.tp, layout.pp)
+    check_positions(arch, cfg.data.seq_length, "the teacher")
     return Inputs(layout, load_tokenizer(cfg.model, src), arch, teacher_src=src)
 
 
 def _validate_student(cfg: Config, inp: Inputs) -> None:
     """distill.student.load (same tokenizer as the teacher's), else the prune section's shape."""
     if cfg.distill.student.load:
-        inp.student_src = resolve_source(cfg.distill.student.load)
+        inp.student_src = resolve_source(cfg.distill.student.load, "distill.student.load")
         inp.student_arch = source_arch(inp.student_src)
+        check_positions(inp.student_arch, cfg.data.seq_length, "the student")
         if inp.student_src.tokenizer_dir is not None and cfg.model.tokenizer is None:
             st = load_tokenizer(cfg.model, inp.student_src)
             if inp.store is not None:
@@ -120,17 +120,11 @@ def _validate_student(cfg: Config, inp: Inputs) -> None:
             elif tokenizer_fingerprint(st) != tokenizer_fingerprint(inp.tokenizer):
                 raise MegaslimError("teacher and student tokenizers differ; distillation needs the same one")
         return
-    if cfg.prune.sparsity.method:
-        raise MegaslimError("prune.sparsity is applied by launch/prune.py; run it and pass "
-                            "distill.student.load=<its checkpoint> (the masks travel in the checkpoint)")
     if cfg.prune.plan_path:
         inp.plan = PrunePlan.load(cfg.prune.plan_path)
         inp.plan.check_applies_to(inp.teacher_arch)
         inp.student_arch = inp.plan.target_arch
         return
-    if cfg.prune.iterative != 1:
-        raise MegaslimError("the default student of distill.py is pruned in one shot; run launch/prune.py "
-                            "with prune.iterative and pass distill.student.load=<its checkpoint>")
     inp.student_arch = target_shape(inp.teacher_arch, cfg.prune.export_config, tp=inp.layout.tp, hf_export=False)
 
 
@@ -146,7 +140,9 @@ def _check_pair(cfg: Config, inp: Inputs) -> None:
 
 
 def _check_outputs(cfg: Config) -> None:
+    config.check_output_dir_writable(cfg.output_dir)
     if cfg.export.hf_dir:
+        config.check_output_dir_writable(cfg.export.hf_dir, "export.hf_dir")
         check_output_dir(Path(cfg.export.hf_dir))
     root = Path(cfg.output_dir) / "checkpoint"
     if not ckpt.is_checkpoint(root):
@@ -251,9 +247,48 @@ def build(cfg: Config, inp: Inputs) -> Built:
     if rt.is_rank0:
         cli.save_run_config(cfg)
     built = Built(rt, models, trainer, _train_data(cfg, inp, trainer), teacher_label, tok_dir, resumed, out)
-    if rt.is_rank0 and not resumed and built.metrics.exists():
-        built.metrics.unlink()
+    _resume_outputs(cfg, built)
     return built
+
+
+def _resume_outputs(cfg: Config, b: Built) -> None:
+    """The run's files from where it stands: a resumed run keeps the records up to its checkpoint (a
+    killed run may have written later steps, redone now); a fresh run drops an earlier attempt's
+    metrics and TensorBoard events. resume=true with nothing to resume says so."""
+    if cfg.resume and not b.resumed:
+        rank0_print(f"resume=true: nothing to resume in {b.trainer.ckpt_root} (no checkpoint); "
+                    "starting from step 0")
+    if not b.rt.is_rank0:
+        return
+    if b.resumed:
+        truncate_metrics(b.metrics, b.trainer.step)
+        return
+    b.metrics.unlink(missing_ok=True)
+    for events in (b.out / "tensorboard").glob("events.out.tfevents.*"):
+        events.unlink()
+
+
+def finished_run(cfg: Config) -> Optional[dict]:
+    """resume=true on a run that is done (checkpoint at train.train_iters, distill.json of it, export
+    made): its distill.json record, and nothing is run or written. Else None."""
+    out, root = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoint"
+    if not (cfg.resume and ckpt.is_checkpoint(root)):
+        return None
+    step = ckpt.latest_iteration(root)
+    try:
+        record = json.loads((out / "distill.json").read_text())
+    except (OSError, ValueError):
+        return None  # stopped before its report: the resume reports it
+    if step is None or step < cfg.train.train_iters or not isinstance(record, dict) or \
+            not record.get("finished") or record.get("steps") != step:
+        return None
+    if cfg.export.hf_dir and not (Path(cfg.export.hf_dir) / "config.json").is_file():
+        return None  # finished, but the export asked for now is not there: the resume writes it
+    if os.environ.get("RANK", "0") == "0":  # no process group yet: the launcher's rank 0 says it
+        print(f"distill: the run in {out} is finished (step {step}, train.train_iters={cfg.train.train_iters}); "
+              "nothing to do, nothing changed. Raise train.train_iters to train further, or choose another "
+              "output_dir for a new run", flush=True)
+    return record
 
 
 def default_student(cfg: Config, teacher, teacher_arch: ModelArch, plan: Optional[PrunePlan],
@@ -275,14 +310,17 @@ def _plan_from_importance(cfg: Config, teacher, teacher_arch: ModelArch, calib_r
     else:
         scores, _ = compute_importance(teacher, teacher_arch, calib_rows, cfg.importance,
                                        micro_batch_size=cfg.data.micro_batch_size,
-                                       transformer_impl=cfg.model.transformer_impl)
+                                       transformer_impl=cfg.model.transformer_impl,
+                                       **depth_kwargs(cfg.prune, cfg.importance.layer_metrics,
+                                                      teacher_arch.num_layers, None))
         if is_rank0():
             scores.save(Path(cfg.output_dir) / "importance.safetensors")
     p = cfg.prune
     target = target_shape(teacher_arch, p.export_config, tp=cfg.parallel.tensor_model_parallel_size,
                           hf_export=False)
     return build_plan(teacher_arch, target, scores, drop_layers=p.drop_layers, layer_metric=p.layer_metric,
-                      contiguous=p.drop_contiguous, fold_heads=p.fold_heads and p.fold_mode)
+                      contiguous=p.drop_contiguous, fold_heads=p.fold_heads and p.fold_mode,
+                      layer_blocks=p.layer_blocks)
 
 
 def _train_data(cfg: Config, inp: Inputs, trainer: Trainer) -> Iterator[dict]:
@@ -307,8 +345,9 @@ class Losses:
     end: float
 
 
-def train(cfg: Config, inp: Inputs, b: Built) -> Losses:
-    """Teacher and student held-out losses, then the steps (metrics, TensorBoard, checkpoints)."""
+def train(cfg: Config, inp: Inputs, b: Built, timer: Timer) -> Losses:
+    """Teacher and student held-out losses, then the steps (metrics, TensorBoard, checkpoints). The start
+    loss is the whole run's (step 0, kept in the checkpoints), also after a resume."""
     if inp.store is None:
         teacher_eval = b.trainer.evaluate(b.models.teacher, b.models.teacher_arch)
     else:  # the teacher's held-out loss as measured when the logits were computed (same eval set), or None
@@ -316,14 +355,18 @@ def train(cfg: Config, inp: Inputs, b: Built) -> Losses:
                                             seq_length=cfg.data.seq_length)
     teacher_loss = teacher_eval["loss"] if teacher_eval else None
     first = b.trainer.evaluate(b.models.student, b.models.student_arch)["loss"]
-    if b.rt.is_rank0 and not b.resumed:
-        write_metrics(b.metrics, {"step": b.trainer.step, "eval_loss": first,
-                                  **({"teacher_eval_loss": teacher_loss} if teacher_loss is not None else {})})
-    return Losses(teacher_loss, first, _steps(cfg, b, first))
+    if not b.resumed:
+        b.trainer.run_state["student_eval_loss_start"] = first
+        if b.rt.is_rank0:
+            write_metrics(b.metrics, {"step": b.trainer.step, "eval_loss": first,
+                                      **({"teacher_eval_loss": teacher_loss} if teacher_loss is not None else {})})
+    start = b.trainer.run_state.get("student_eval_loss_start", first)  # checkpoints before the record: here
+    return Losses(teacher_loss, start, _steps(cfg, b, first, timer))
 
 
-def _steps(cfg: Config, b: Built, last_eval: float) -> float:
-    """Train up to train.train_iters (or an exit_interval stop); the last held-out loss."""
+def _steps(cfg: Config, b: Built, last_eval: float, timer: Timer) -> float:
+    """Train up to train.train_iters (or an exit_interval stop); the last held-out loss (measured at the
+    last step this process runs, so an exit_interval stop reports its own end loss)."""
     trainer, stop_at = b.trainer, cfg.train.train_iters
     board = _board(b)
     bar = tqdm(total=stop_at, initial=trainer.step, desc="distill", disable=not b.rt.is_rank0, dynamic_ncols=True)
@@ -337,14 +380,15 @@ def _steps(cfg: Config, b: Built, last_eval: float) -> float:
                   "tokens_per_s": tokens_per_step / dt}
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens_per_step / dt:.0f}")
-        if cfg.eval.interval and trainer.step % cfg.eval.interval == 0 or trainer.step == stop_at:
+        if cfg.eval.interval and trainer.step % cfg.eval.interval == 0 or trainer.step == stop_at or \
+                _exits(cfg, trainer.step):
             last_eval = record["eval_loss"] = trainer.evaluate(b.models.student, b.models.student_arch)["loss"]
         if b.rt.is_rank0:
             write_metrics(b.metrics, record)
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     board.add_scalar(f"distill/{key}", value, trainer.step)
-        if _save_then_stop(cfg, trainer):
+        if _save_then_stop(cfg, trainer, timer):
             break
     bar.close()
     if board is not None:
@@ -361,14 +405,25 @@ def _board(b: Built):
     return SummaryWriter(str(b.out / "tensorboard"), purge_step=b.trainer.step + 1 if b.resumed else None)
 
 
-def _save_then_stop(cfg: Config, trainer: Trainer) -> bool:
-    """Checkpoint at save/exit intervals and at the end; True when exit_interval stops the run early."""
-    stop_at = cfg.train.train_iters
+def _exits(cfg: Config, step: int) -> bool:
+    """train.exit_interval stops the run after `step` (before train.train_iters)."""
+    return bool(cfg.train.exit_interval and step % cfg.train.exit_interval == 0 and step < cfg.train.train_iters)
+
+
+def _save_then_stop(cfg: Config, trainer: Trainer, timer: Timer) -> bool:
+    """Checkpoint at save/exit intervals and at the end (with the run's seconds so far); True when
+    exit_interval stops the run early."""
     saving = cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
-    exiting = cfg.train.exit_interval and trainer.step % cfg.train.exit_interval == 0
-    if saving or exiting or trainer.step == stop_at:
+    exiting = _exits(cfg, trainer.step)
+    if saving or exiting or trainer.step == cfg.train.train_iters:
+        trainer.run_state["seconds"] = _run_seconds(trainer, timer)
         trainer.save()
-    return bool(exiting and trainer.step < stop_at)
+    return exiting
+
+
+def _run_seconds(trainer: Trainer, timer: Timer) -> float:
+    """Seconds of the whole run: those up to the checkpoint resumed from, plus this process's."""
+    return trainer.seconds_before + timer.seconds
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,7 +436,7 @@ def report(cfg: Config, inp: Inputs, b: Built, losses: Losses, timer: Timer) -> 
     result = {
         "teacher_eval_loss": losses.teacher, "student_eval_loss_start": losses.start,
         "student_eval_loss": losses.end, "steps": trainer.step,
-        "tokens": trainer.consumed_samples * cfg.data.seq_length, "seconds": timer.seconds,
+        "tokens": trainer.consumed_samples * cfg.data.seq_length, "seconds": _run_seconds(trainer, timer),
         "student_params": arch.num_params(), "teacher_params": b.models.teacher_arch.num_params(),
         "checkpoint": str(trainer.ckpt_root), "finished": trainer.step >= cfg.train.train_iters,
     }
@@ -399,9 +454,18 @@ def report(cfg: Config, inp: Inputs, b: Built, losses: Losses, timer: Timer) -> 
     return result
 
 
+def _resumed_row(cfg: Config, b: Built) -> list[tuple]:
+    """The summary's word on resume=true: where the run resumed, or that there was nothing to resume."""
+    if b.resumed:
+        return [("resumed", f"from step {b.trainer.resumed_from} (start loss and seconds: the whole run)")]
+    if cfg.resume:
+        return [("resumed", f"no: nothing to resume in {b.trainer.ckpt_root}, started from step 0")]
+    return []
+
+
 def _summary(cfg: Config, b: Built, result: dict, timer: Timer) -> None:
     teacher_arch, teacher_loss, gap = b.models.teacher_arch, result["teacher_eval_loss"], result["gap_recovered"]
-    summary_table("megaslim distill", [
+    summary_table("megaslim distill", _resumed_row(cfg, b) + [
         ("teacher", f"{b.teacher_label} ({teacher_arch.num_params():,} params)"),
         ("mode", result["mode"] + (f", fp8={cfg.distill.fp8}" if cfg.distill.fp8 else "")),
         ("student", f"{result['student_params']:,} params"),
@@ -410,7 +474,7 @@ def _summary(cfg: Config, b: Built, result: dict, timer: Timer) -> None:
         ("held-out loss: student start -> end",
          f"{result['student_eval_loss_start']:.4f} -> {result['student_eval_loss']:.4f}"),
         ("gap recovered", f"{gap:.1%}" if gap is not None else "-"),
-        ("seconds", round(timer.seconds, 1)), ("outputs", b.out),
+        ("seconds", round(result["seconds"], 1)), ("outputs", b.out),
     ])
 
 
@@ -419,8 +483,11 @@ def run(cfg: Config) -> dict:
     """One distillation run end to end; the distill.json record."""
     timer = Timer()
     inp = validate(cfg)
+    done = finished_run(cfg)
+    if done is not None:
+        return done
     built = build(cfg, inp)
-    return report(cfg, inp, built, train(cfg, inp, built), timer)
+    return report(cfg, inp, built, train(cfg, inp, built, timer), timer)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from megaslim import checkpoint as ckpt
+from megaslim import config, report
 from megaslim import io as mio
-from megaslim import report
 from megaslim.commands import cli
 from megaslim.config import Config
 from megaslim.data.calibration import calibration_rows
@@ -39,13 +39,14 @@ from megaslim.importance.plots import plot_importance
 from megaslim.importance.scores import ImportanceScores
 from megaslim.model.arch import ModelArch, check_parallel_layout
 from megaslim.model.hf import export_hf
+from megaslim.prune.depth import depth_kwargs
 from megaslim.prune.iterative import compose_plans, iterative_plans
 from megaslim.prune.plan import PrunePlan, build_plan, flops_per_token, target_shape
 from megaslim.prune.search import candidates, rank, table
 from megaslim.prune.student import student_from_plan
 from megaslim.runtime import ParallelLayout, rank0_print
 from megaslim.runtime.layout import check_layout
-from megaslim.sources import Source, load_model, resolve_source, source_arch
+from megaslim.sources import Source, check_positions, load_model, resolve_source, source_arch
 from megaslim.sparsity.apply import Sparsity, prepare_sparsity
 from megaslim.tokenizer import load_tokenizer
 
@@ -113,20 +114,11 @@ class Outcome:
 
 
 def search_candidates(cfg: Config, arch: ModelArch) -> list[ModelArch]:
-    """prune.target_params: the candidate shapes, checked before any compute (also by compress)."""
-    given = [k for k, v in vars(cfg.prune.export_config).items() if v is not None]
-    clashes = ([f"prune.export_config.{k}" for k in given] + (["prune.drop_layers"] if cfg.prune.drop_layers else [])
-               + (["prune.plan_path"] if cfg.prune.plan_path else [])
-               + (["prune.iterative"] if cfg.prune.iterative != 1 else []))
-    if clashes:
-        raise MegaslimError(f"prune.target_params searches the shape itself; unset {', '.join(clashes)}")
+    """prune.target_params: the candidate shapes, checked before any compute (also by compress; the key
+    clashes and PP=1 are the config's: validate_prune / validate_compress)."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     ttp = cfg.prune.target_tensor_model_parallel_size or tp
     tpp = cfg.prune.target_pipeline_model_parallel_size or pp
-    if pp != 1:
-        raise MegaslimError("prune.target_params prunes every candidate in memory and needs "
-                            "parallel.pipeline_model_parallel_size=1 (write the result at any PP with "
-                            "prune.target_pipeline_model_parallel_size)")
     sp = cfg.prune.sparsity
     return candidates(arch, cfg.prune.target_params, cfg.prune.search, tps=(tp, ttp), pp=tpp,
                       input_multiple=4 if sp.method and sp.pattern == "2:4" else 1)
@@ -141,54 +133,69 @@ def _target(cfg: Config, arch: ModelArch, plan: Optional[PrunePlan], ttp: int):
     if plan is not None:
         return None, None
     target = target_shape(arch, cfg.prune.export_config, tp=ttp, hf_export=cfg.export.hf_dir is not None)
-    if cfg.prune.drop_layers and cfg.prune.export_config.num_layers:
-        raise MegaslimError("set either prune.drop_layers or prune.export_config.num_layers, not both")
     if len(cfg.prune.drop_layers):
+        out_of_range = [i for i in cfg.prune.drop_layers if not 0 <= i < arch.num_layers]
+        if out_of_range:  # the source's config.json tells, before any importance pass
+            raise MegaslimError(f"prune.drop_layers {out_of_range} out of range: the source model has "
+                                f"{arch.num_layers} layers (indices 0..{arch.num_layers - 1})")
+        if len(set(cfg.prune.drop_layers)) >= arch.num_layers:
+            raise MegaslimError(f"prune.drop_layers would drop all {arch.num_layers} layers; keep at least one")
         target = replace(target, num_layers=arch.num_layers - len(set(cfg.prune.drop_layers)))
     return target, None
 
 
-def _check_iterative(cfg: Config, plan: Optional[PrunePlan], target: Optional[ModelArch], tp: int, pp: int) -> None:
-    if cfg.prune.iterative < 1:
-        raise MegaslimError(f"prune.iterative={cfg.prune.iterative} must be >= 1 (1 = single shot)")
+def _check_iterative(cfg: Config, target: Optional[ModelArch], tp: int) -> None:
+    """prune.iterative > 1 (its key clashes and PP=1 are the config's): the steps run at the source TP."""
     if cfg.prune.iterative == 1 or cfg.importance.only:
         return
-    if plan is not None:
-        raise MegaslimError("prune.plan_path fixes the plan; it cannot be combined with prune.iterative > 1")
-    if len(cfg.prune.drop_layers):
-        raise MegaslimError("prune.drop_layers lists the layers explicitly, nothing to re-score: use "
-                            "prune.export_config.num_layers with prune.iterative > 1, or iterative=1")
-    if pp != 1:
-        raise MegaslimError("prune.iterative > 1 re-scores the partly pruned model in memory and needs "
-                            "parallel.pipeline_model_parallel_size=1 (the pruned model can still be written "
-                            "at any PP: prune.target_pipeline_model_parallel_size)")
-    check_parallel_layout(target, tp, 1)  # the intermediate models run at the source TP
+    check_parallel_layout(target, tp, 1)
+
+
+def check_outputs(cfg: Config) -> None:
+    """output_dir/checkpoint: new, empty, or (importance.only, which writes none) any megaslim checkpoint.
+    A rerun never replaces an earlier prune's checkpoint (distill refuses the same rerun)."""
+    root = Path(cfg.output_dir) / "checkpoint"
+    ckpt.check_output_dir(root)
+    if ckpt.is_checkpoint(root) and not cfg.importance.only:
+        raise MegaslimError(f"{root} already holds a checkpoint (an earlier prune into output_dir={cfg.output_dir}); "
+                            "choose another output_dir, or remove that checkpoint to prune into it again")
 
 
 def validate(cfg: Config) -> Job:
     """Every check of the request and the plan/scores files, before any data, model or process group."""
+    config.validate(cfg)  # load_config ran it; configs built in code (compress stages) need it too
+    config.validate_prune(cfg)
+    config.check_output_dir_writable(cfg.output_dir)
+    if cfg.export.hf_dir:
+        config.check_output_dir_writable(cfg.export.hf_dir, "export.hf_dir")
     layout = ParallelLayout.from_config(cfg)
     ttp, tpp = layout.target_tp or layout.tp, layout.target_pp or layout.pp
     check_layout(layout.world_size, ttp, tpp)
     source = resolve_source(cfg.model.load)
     arch = source_arch(source)
     check_parallel_layout(arch, layout.tp, layout.pp)
+    check_positions(arch, cfg.data.seq_length)
     plan = None
     if cfg.prune.plan_path:
         plan = PrunePlan.load(cfg.prune.plan_path)
         plan.check_applies_to(arch)
     scores = ImportanceScores.load(cfg.importance.scores_path, arch) if cfg.importance.scores_path else None
     target, shapes = _target(cfg, arch, plan, ttp)
-    _check_iterative(cfg, plan, target, layout.tp, layout.pp)
+    _check_iterative(cfg, target, layout.tp)
     if plan is not None or target is not None:
         check_parallel_layout(plan.target_arch if plan else target, ttp, tpp)
     for shape in shapes or []:
         check_parallel_layout(shape, ttp, tpp)
-    ckpt.check_output_dir(Path(cfg.output_dir) / "checkpoint")
+    check_outputs(cfg)
     job = Job(cfg, layout, source, arch, plan, scores, target, shapes)
     if job.needs_scores or job.iterative:
         check_importance_spec(cfg.model.transformer_impl)
     return job
+
+
+def check(cfg: Config) -> Inputs:
+    """`launch/prune.py --check`: validate, then read what build() reads (tokenizer, rows), no model."""
+    return build(validate(cfg))
 
 
 # -- build -----------------------------------------------------------------------------------------
@@ -221,9 +228,11 @@ def importance(job: Job, inputs: Inputs, model, arch: ModelArch) -> tuple[Option
     if not job.needs_scores:
         return job.scores, {}
     cfg = job.cfg
+    keep = job.target.num_layers if job.target is not None else None
     scores, cost = compute_importance(model, arch, inputs.rows, cfg.importance,
                                       micro_batch_size=cfg.data.micro_batch_size,
-                                      transformer_impl=cfg.model.transformer_impl)
+                                      transformer_impl=cfg.model.transformer_impl,
+                                      **depth_kwargs(cfg.prune, cfg.importance.layer_metrics, arch.num_layers, keep))
     if report.is_rank0():
         scores.save(job.out_dir / "importance.safetensors")
         plot_importance(scores, job.out_dir)
@@ -291,7 +300,8 @@ def make_plan(job: Job, inputs: Inputs, model, arch: ModelArch, scores):
         chain, steps = iterate(cfg, model, arch, target, scores, inputs.rows, inputs.eval_rows, job.out_dir)
         return compose_plans(chain, drop_folds=True), chain, steps
     plan = build_plan(arch, target, scores, drop_layers=p.drop_layers, layer_metric=p.layer_metric,
-                      contiguous=p.drop_contiguous, fold_heads=p.fold_heads and p.fold_mode)
+                      contiguous=p.drop_contiguous, fold_heads=p.fold_heads and p.fold_mode,
+                      layer_blocks=p.layer_blocks)
     return plan, None, []
 
 

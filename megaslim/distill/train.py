@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megaslim import checkpoint as ckpt
+from megaslim import io as mio
 from megaslim.config import Config
 from megaslim.distill import fp8, losses
 from megaslim.distill.model import DistillModel
@@ -195,6 +196,11 @@ class Trainer:
         self.pairs = resolve_pairs(cfg, models.student_arch, models.teacher_arch, self.pp)
         self.step = 0
         self.consumed_samples = 0
+        # The whole run's record, kept in every checkpoint so a resumed run reports from step 0:
+        # student_eval_loss_start (the held-out loss before step 1), seconds (spent up to the save).
+        self.run_state: dict = {}
+        self.resumed_from: Optional[int] = None  # the checkpoint step this process resumed at
+        self.seconds_before = 0.0  # the run's seconds up to that checkpoint
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _optimizer_sharded(self, is_loading: bool):
@@ -221,7 +227,7 @@ class Trainer:
         extra = {"consumed_samples": self.consumed_samples, "scheduler": self.scheduler.state_dict(),
                  "global_batch_size": self.cfg.train.global_batch_size, "kind": "distill",
                  "projection": needs_projection(self.cfg, self.models.student_arch, self.models.teacher_arch),
-                 **({"sparsity": self.sparsity.record} if self.sparsity is not None else {})}
+                 "run": self.run_state, **({"sparsity": self.sparsity.record} if self.sparsity is not None else {})}
         return ckpt.save_checkpoint(self.models.student, self.models.student_arch, self.ckpt_root, self.step,
                                     tokenizer_dir=self.tokenizer_dir, extra=extra,
                                     sharded_extra={"optimizer": self._optimizer_sharded(False),
@@ -252,6 +258,8 @@ class Trainer:
         self.optimizer.load_state_dict(meta["loaded_extra"]["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         self.step, self.consumed_samples = meta["iteration"], extra["consumed_samples"]
+        self.run_state, self.resumed_from = dict(extra.get("run") or {}), self.step
+        self.seconds_before = float(self.run_state.get("seconds", 0.0))
         return True
 
     # -- one step ---------------------------------------------------------------------------------
@@ -359,6 +367,22 @@ def step_batches(it: Iterator[dict], n: int) -> list[dict]:
 def write_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """A run resumed at `step` redoes the steps after it: drop their records (and a line a kill cut
+    short), so metrics.jsonl holds each step once."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line + "\n")
+    mio.atomic_write(path, "".join(keep))
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Optional[Path]:
