@@ -143,12 +143,30 @@ def report(args, med: dict, mem_student: float, mem_kd: float) -> str:
     return "\n".join(lines)
 
 
+def replace_section(path: Path, heading: str, text: str, level: int | None = None) -> None:
+    """Put `text` in place of the `heading` section of a markdown file (up to the next heading of level
+    <= `level`, default the heading's own), or after the rest when absent; other sections stay."""
+    level = level or len(heading) - len(heading.lstrip("#"))
+    lines = path.read_text().splitlines() if path.exists() else []
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == heading), None)
+    if start is None:
+        kept, tail = lines, []
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")
+                    and len(lines[i]) - len(lines[i].lstrip("#")) <= level), len(lines))
+        kept, tail = lines[:start], lines[end:]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    body = "\n".join(kept + ([""] if kept else []) + [text.rstrip("\n"), ""] + ([*tail, ""] if tail else []))
+    path.write_text(body.rstrip("\n") + "\n")
+
+
 def main(argv=None):
     args = parse_args(argv)
     med, mem_student, mem_kd = measure(args, setup(args))
     text = report(args, med, mem_student, mem_kd)
     print(text)
-    Path(args.out).write_text(text)
+    replace_section(Path(args.out), "# Distillation step overhead", text, level=2)
 
 
 if __name__ == "__main__":

@@ -111,25 +111,30 @@ def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _log_softmax_no_grad(logits: torch.Tensor) -> torch.Tensor:
-    shifted = logits - _global_max(logits)
-    sum_exp = shifted.exp().sum(dim=-1, keepdim=True)
+    """log-softmax over the full (sharded) vocabulary with one new [..., V/TP] tensor: torch's fused kernel
+    at TP=1; else the shard minus the global log-normaliser, which only [..., 1] tensors build."""
     group, _, world = _tp()
-    if world > 1:
-        dist.all_reduce(sum_exp, group=group)
-    return shifted - sum_exp.log()
+    if world == 1:
+        return torch.log_softmax(logits, dim=-1)
+    m = _global_max(logits)
+    sum_exp = (logits - m).exp_().sum(dim=-1, keepdim=True)  # logits - m: a temporary
+    dist.all_reduce(sum_exp, group=group)
+    return logits - (m + sum_exp.log_())
 
 
 class _ForwardKL(torch.autograd.Function):
     """Per-token KL(p || q) from tempered, masked shards; fused so backward keeps one shard tensor.
 
-    d KL / d student_logit_v = q_v - p_v on every rank's own shard: no communication in backward."""
+    d KL / d student_logit_v = q_v - p_v on every rank's own shard: no communication in backward.
+    Three [..., V/TP] tensors are made (log p, log q, p); the rest is in place (each [tokens, vocab] tensor
+    costs a fresh allocation and a full memory pass)."""
 
     @staticmethod
     def forward(ctx, student, teacher):
         log_p = _log_softmax_no_grad(teacher)
         log_q = _log_softmax_no_grad(student)
         p = log_p.exp()
-        kl = (p * (log_p - log_q)).sum(dim=-1)
+        kl = log_p.sub_(log_q).mul_(p).sum(dim=-1)  # in log p's storage: it is not needed again
         group, _, world = _tp()
         if world > 1:
             dist.all_reduce(kl, group=group)
@@ -161,7 +166,10 @@ def _prepare(logits: torch.Tensor, temperature: float, vocab_size: int) -> torch
     # float32 at least (bf16 sums over the vocab are too coarse); temperature before masking so the
     # mask value (dtype min) is not divided into -inf, which would give 0 * inf = NaN in p * log p.
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return mask_padded_vocab(logits.to(dtype) / temperature, vocab_size)
+    logits = logits.to(dtype)
+    # x / 1.0 == x exactly: skip a [tokens, vocab] copy at the default temperature (callers never write
+    # into the result, so sharing the caller's tensor is safe)
+    return mask_padded_vocab(logits if temperature == 1 else logits / temperature, vocab_size)
 
 
 def _reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -92,15 +92,21 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, *, tp: int, pp: 
     )
 
 
-def layer_spec(impl: str, config, arch: ModelArch):
+def layer_spec(impl: str, config, arch: ModelArch, core_attention: str = "local"):
+    """The layer (or block) spec of `model.transformer_impl`. With the local spec, `core_attention`
+    `sdpa` swaps megatron's DotProductAttention for torch's SDPA; TE specs keep TE's own kernels."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == "local":
         if arch.normalization == "LayerNorm1P":
-            return _local_layer_norm_1p_block(config, arch)
-        return gpt_layer_specs.get_gpt_layer_local_spec(
-            normalization="RMSNorm", qk_layernorm=arch.qk_layernorm
-        )
+            spec = _local_layer_norm_1p_block(config, arch)
+        else:
+            spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_layernorm)
+        if core_attention == "sdpa":
+            from megaslim.model.sdpa_attention import with_sdpa
+
+            spec = with_sdpa(spec)
+        return spec
     try:
         import transformer_engine  # noqa: F401
     except Exception as err:  # ImportError, or a CUDA/cuDNN load failure
@@ -148,7 +154,7 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = F
     rope_scaling = bool(arch.rope_scaling)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model_cfg.transformer_impl, config, arch),
+        transformer_layer_spec=layer_spec(model_cfg.transformer_impl, config, arch, model_cfg.core_attention),
         vocab_size=padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
