@@ -48,10 +48,12 @@ def init_runtime(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int =
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
     rank, world = int(os.environ["RANK"]), launcher_world_size()
+    # a plain one-process run needs no TCP rendezvous: an in-process store cannot race other jobs for a port
+    standalone = world == 1 and "MASTER_PORT" not in os.environ
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ and not standalone:
+        os.environ["MASTER_PORT"] = str(_free_port())
     local_rank = int(os.environ["LOCAL_RANK"])
     dp = check_layout(world, tp, pp)
 
@@ -72,6 +74,7 @@ def init_runtime(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int =
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
+            **({"store": dist.HashStore()} if standalone else {}),
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
