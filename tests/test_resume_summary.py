@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from dist_utils import ROOT, free_port, torchrun
@@ -53,6 +54,7 @@ def _summary(out):
     """distill.json without its timing, the run's own folder written as <out>."""
     record = json.loads((out / "distill.json").read_text().replace(str(out), "<out>"))
     assert record.pop("seconds") > 0
+    record.pop("resumed_from")
     return record
 
 
@@ -86,6 +88,30 @@ def _kill_after_step(args, out, step):
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
+    _assert_worker_gone(out)
+
+
+def _running_with(text):
+    """pids of the live (not zombie) processes whose command line holds `text`."""
+    pids = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            pids.append(int(proc_dir.name))
+    return pids
+
+
+def _assert_worker_gone(out, seconds=30.0):
+    """torchrun starts its worker in a session of its own, out of reach of the kill: the worker must
+    die with its launcher (else it trains on and moves `latest` under the rerun)."""
+    deadline = time.time() + seconds
+    while _running_with(f"output_dir={out}") and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _running_with(f"output_dir={out}"), "the worker outlived its killed launcher"
 
 
 def test_killed_then_resumed_run_reports_like_an_uninterrupted_one(tiny_llama_tok, plan, uninterrupted, tmp_path):
@@ -94,7 +120,9 @@ def test_killed_then_resumed_run_reports_like_an_uninterrupted_one(tiny_llama_to
     latest = int((killed / "checkpoint" / "latest").read_text())
     assert latest in (2, 4)
     proc = torchrun(DISTILL, *_args(tiny_llama_tok, killed, plan, "resume=true"), nproc=1, timeout=300, env=ENV)
-    assert f"from step {latest}" in proc.stdout  # the summary says where it resumed
+    resumed = json.loads((killed / "distill.json").read_text())["resumed_from"]
+    assert resumed == latest, (resumed, latest)
+    assert f"from step {latest}" in " ".join(proc.stdout.split()), proc.stdout  # the summary says where
     rows = _records(killed)
     _assert_each_step_once(rows)
     assert rows == _records(uninterrupted)  # bitwise on CPU, all but timings

@@ -439,6 +439,7 @@ def report(cfg: Config, inp: Inputs, b: Built, losses: Losses, timer: Timer) -> 
         "tokens": trainer.consumed_samples * cfg.data.seq_length, "seconds": _run_seconds(trainer, timer),
         "student_params": arch.num_params(), "teacher_params": b.models.teacher_arch.num_params(),
         "checkpoint": str(trainer.ckpt_root), "finished": trainer.step >= cfg.train.train_iters,
+        "resumed_from": trainer.resumed_from,  # the checkpoint step this process resumed at (None: fresh)
     }
     if cfg.export.hf_dir and result["finished"]:
         result["hf_dir"] = str(export_hf(b.models.student, arch, cfg.export.hf_dir, tokenizer_dir=b.tokenizer_dir,

@@ -1,9 +1,11 @@
 """Distributed init from the torchrun environment (nccl on GPU, gloo on CPU) and megatron model parallel."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -101,6 +103,21 @@ def rank0_print(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> None:
+    """A torchrun worker dies with its launcher. torchrun starts each worker in a session of its own,
+    so a launcher killed hard (SIGKILL, the OOM killer) would leave its workers training on, holding
+    devices and writing checkpoints under a rerun of the same job."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() == 1:  # the launcher was gone before the request could take effect
+        os._exit(1)
+
+
 def main_guard(main: Callable[[], None]) -> None:
     """Run a launcher's main. Any exception on any rank ends this process at once with exit code 1
     (torchrun then stops the other ranks), so a failing rank never leaves the job hanging on a
@@ -108,6 +125,7 @@ def main_guard(main: Callable[[], None]) -> None:
     A user error before the process group exists comes from the checks every rank runs alike: only the
     first rank of each node says it (nodes may see different files), the others exit quietly."""
     rank = os.environ.get("RANK", "0")
+    die_with_launcher()
     try:
         main()
     except SystemExit:
