@@ -1,13 +1,8 @@
-"""Compress a model the Minitron way: rounds of importance -> prune -> distill -> HF export.
+"""Launcher of `megaslim.commands.compress` and, with --dry-run, `megaslim.commands.plan` (their
+docstrings are the manuals; also `--help`).
 
 torchrun --nproc-per-node N launch/compress.py --config CONFIG [key.sub=value ...]
-Targets: compress.rounds (a list of shapes) or prune.export_config (one round). Outputs in
-<output_dir>: round<N>/{prune,distill,hf}/, compress.json, family.png. A rerun skips finished stages.
-
-python launch/compress.py --config CONFIG --dry-run [--nodes N] [--gpus-per-node G] [--gpu-memory-gib M]
-    [--gpu-tflops T] [--mfu U] [--overhead-gib O] [--hf-config PATH] [--json FILE] [key.sub=value ...]
-plans the run without GPU, weights or torch.distributed (megaslim/commands/plan.py): parameters, FLOPs/token,
-memory per GPU and time per stage; exits 2 with the reason when the layout does not divide or fit.
+python launch/compress.py --config CONFIG --dry-run [--nodes N] [--gpus-per-node G] ... [key.sub=value ...]
 """
 import sys
 from pathlib import Path

@@ -1,10 +1,6 @@
-"""Knowledge distillation of a pruned student from its teacher (logit KD, optional LM and
-intermediate-state losses) on megatron-core's pipeline schedules, at any TP/PP/DP.
+"""Launcher of `megaslim.commands.distill`, whose docstring is the manual (also `--help`).
 
 torchrun --nproc-per-node N launch/distill.py --config CONFIG [key.sub=value ...]
-`distill.student.load` unset: the student is the teacher pruned by the `prune` section.
-Outputs in <output_dir>: checkpoint/ (torch_dist, resumable with resume=true), metrics.jsonl,
-loss_curve.png, distill.json, tensorboard/.
 """
 import sys
 from pathlib import Path

@@ -1,7 +1,6 @@
-"""Held-out loss / perplexity of `model.load` on `data.eval_path` at any TP/PP/DP.
+"""Launcher of `megaslim.commands.evaluate`, whose docstring is the manual (also `--help`).
 
 torchrun --nproc-per-node N launch/evaluate.py --config CONFIG [key.sub=value ...]
-Writes <output_dir>/eval.json (loss, ppl, tokens, seq_length, num_samples).
 """
 import sys
 from pathlib import Path

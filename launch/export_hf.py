@@ -1,7 +1,6 @@
-"""Write `model.load` (HF dir, .gguf or torch_dist checkpoint) as a Hugging Face directory.
+"""Launcher of `megaslim.commands.export_hf`, whose docstring is the manual (also `--help`).
 
 torchrun --nproc-per-node N launch/export_hf.py --config CONFIG export.hf_dir=OUT [key.sub=value ...]
-The result loads with transformers.AutoModelForCausalLM.from_pretrained(OUT).
 """
 import sys
 from pathlib import Path

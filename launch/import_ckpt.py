@@ -1,9 +1,4 @@
-"""Write any supported model source (HF dir, .gguf, megaslim checkpoint) as a megatron torch_dist
-checkpoint (iteration 0) at the configured TP/PP:
-
-    torchrun --nproc-per-node N launch/import_ckpt.py [--config X.yaml] model.load=SRC output_dir=OUT \
-        parallel.tensor_model_parallel_size=T parallel.pipeline_model_parallel_size=P
-"""
+"""Launcher of `megaslim.commands.import_ckpt`, whose docstring is the manual (also `--help`)."""
 import sys
 from pathlib import Path
 

@@ -1,10 +1,6 @@
-"""Tokenize text/JSONL corpora into megatron indexed datasets (PREFIX.bin + PREFIX.idx).
+"""Launcher of `megaslim.commands.preprocess_data`, whose docstring is the manual (also `--help`).
 
 python launch/preprocess_data.py [--config CONFIG] [key.sub=value ...] [--workers N] [--overwrite]
-    data.train_path -> <output_dir>/train, data.eval_path -> <output_dir>/valid (unset: the
-    default corpus splits); point data.* at the written prefixes afterwards.
-python launch/preprocess_data.py --input FILE --output-prefix PREFIX [...]   one file only
-The tokenizer is model.tokenizer, else the one of model.load. Writes <output_dir>/preprocess.json.
 """
 import sys
 from pathlib import Path

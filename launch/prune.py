@@ -1,13 +1,6 @@
-"""Minitron pruning: importance scores from calibration activations, then width/depth pruning.
+"""Launcher of `megaslim.commands.prune`, whose docstring is the manual (also `--help`).
 
 torchrun --nproc-per-node N launch/prune.py --config CONFIG [key.sub=value ...]
-`importance.only=true` computes and saves the scores and plots without pruning.
-Outputs in <output_dir>: importance.safetensors + importance_*.png, prune_plan.json, eval_before.json,
-eval.json, checkpoint/ (torch_dist), export.hf_dir if set, prune.json (summary).
-`prune.iterative=N` (N > 1, source PP=1) prunes in N steps, re-scoring before each: it also writes
-importance_step{i}.safetensors and prune_plan_steps.json (the chain; prune_plan.json is their composition).
-`prune.fold_heads=true` folds pruned heads into kept heads of their query group (`prune.fold_mode`:
-proj_sum, the measured best, or laco; docs/pruning.md).
 """
 import sys
 from pathlib import Path

@@ -18,8 +18,9 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None, *,
                check: Optional[Callable[[Config], object]] = None) -> Config:
     """The config of `--config FILE key.sub=value ...`. With `check` (the command's checks before compute)
     the command takes `--check`: run them, say ok and exit."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config file (schema: megaslim/config.py)")
+    # the command's docstring is its manual: keep its lines as written
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (schema: megaslim/config/schema.py)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_model_parallel_size=2")
     parser.add_argument("--check", action="store_true", help=CHECK_HELP)
     args = parser.parse_args(argv)
