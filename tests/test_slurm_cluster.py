@@ -171,15 +171,11 @@ def wait_for_checkpoint(slurm, job_id, out: Path, log_dir: Path, timeout: float 
 
 
 def assert_continued(out: Path, ref: Path, saved: int):
-    """The resumed run kept the steps up to its checkpoint, trained the rest and finished. (Not asserted
-    bitwise beyond the checkpoint: see the report; tests/test_distill.py checks the exact SIGKILL resume.)"""
+    """The resumed run kept the steps up to its checkpoint (`saved`), trained the rest bitwise as the
+    uninterrupted run did (CPU) and finished."""
     got, want = losses(out), losses(ref)
-    assert sorted(got) == sorted(want) == list(range(1, 9))
-    for step in want:
-        if step <= saved:
-            assert got[step] == want[step], step
-        else:
-            assert got[step] == pytest.approx(want[step], rel=0.2), step
+    assert sorted(got) == sorted(want) == list(range(1, 9)) and saved in (2, 4, 6)
+    assert got == want, {step: (got[step], want[step]) for step in want if got[step] != want[step]}
     summary = json.loads((out / "distill.json").read_text())
     assert summary["finished"] and summary["steps"] == 8 and (out / "hf" / "config.json").is_file()
 

@@ -22,7 +22,7 @@ from megaslim.errors import MegaslimError
 from megaslim.eval import evaluate_rows
 from megaslim.figures import pyplot, save_png
 from megaslim.model.arch import ModelArch
-from megaslim.model.compat import prepare_distributed_optimizer_for_load
+from megaslim.model.compat import prepare_distributed_optimizer_for_load, unshare_adam_steps
 from megaslim.model.logits import vocab_parallel_ce
 from megaslim.sparsity.apply import MASKS_KEY
 from megaslim.sparsity.train import MaskKeeper, check_resume
@@ -256,6 +256,7 @@ class Trainer:
             self.sparsity.set_masks({k: v.bool() for k, v in meta["loaded_extra"][MASKS_KEY].items()})
         self._restore_projection(meta["loaded_extra"])
         self.optimizer.load_state_dict(meta["loaded_extra"]["optimizer"])
+        unshare_adam_steps(self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.step, self.consumed_samples = meta["iteration"], extra["consumed_samples"]
         self.run_state, self.resumed_from = dict(extra.get("run") or {}), self.step

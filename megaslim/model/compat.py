@@ -5,6 +5,8 @@ megatron-core no longer needs it.
 """
 from __future__ import annotations
 
+import torch
+
 from megaslim.model.layout import Layout, layout_of
 
 
@@ -30,6 +32,17 @@ def prepare_distributed_optimizer_for_load(optimizer) -> None:
             return original(model_param, tensors)
 
         sub._set_main_param_and_optimizer_states = set_states
+
+
+def unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.16 DistributedOptimizer.load_state_dict without apex/TE gives every torch Adam
+    state one shared `step` tensor; torch increments it once per parameter, so after a resume at DP>1
+    the bias correction ran ahead (step 2 -> 11 in one step on a 9-tensor model). One tensor each."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def mark_tensor_parallel_params(model) -> None:
