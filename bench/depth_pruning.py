@@ -17,6 +17,7 @@ import platform
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -67,7 +68,7 @@ def row_losses(runner: LayerRunner, rows: torch.Tensor, keep: list[int], mbs: in
     with torch.no_grad():
         for batch in _batches(rows, mbs):
             c = runner.cache(batch, keep)
-            out.append(runner.row_losses(c, c.states[-1]))
+            out.append(runner.row_losses(c, c.states[len(keep)]))
     return torch.cat(out)[: len(rows)]
 
 
@@ -139,25 +140,43 @@ def _mean_se(values: list[float], ref: list[float]) -> str:
     return f"{sum(values) / len(values):.3f} ({d.mean().item():+.3f} ± {se:.3f})"
 
 
+def _cell(values: list[float], ref: Optional[list[float]]) -> str:
+    return _mean_se(values, ref) if ref is not None else f"{sum(values) / len(values):.3f}"
+
+
 def render(res: dict) -> str:
-    s, evals = res["settings"], list(res["base"])
+    s = res["settings"]
+    evals = list(res["base"]) or (list(res["runs"][0]["losses"]) if res["runs"] else [])
     lines = [
         "# Depth pruning without retraining: SmolLM2-135M, 30 -> 15 layers (bench/depth_pruning.py)", "",
         f"Calibration: two disjoint draws (A, B) of {s['calib_rows']} x {s['seq_length']} rows of the default train "
         f"split; `loss` (when run) scored on the first {s['loss_rows']} rows of a draw, `greedy_loss` on the first "
         f"{s['greedy_rows']} (5 rounds of 3 layers), `bi` and `block_loss` on all of them. Evaluation: "
         f"{s['eval_rows']} x {s['seq_length']} rows of each held-out text; mean token loss, and in brackets the "
-        "paired difference to `bi` of the same draw ± its standard error over rows. Lower is better.", "",
+        "paired difference to `bi` of the same draw ± its standard error over rows. Lower is better. "
+        "Scoring seconds: wall time of the method's scoring on its draw (the evaluation not included).", "",
         "| draw | metric | dropped layers | " + " | ".join(evals) + " | scoring seconds |",
         "|---|---|---|" + "---|" * len(evals) + "---|",
-        "| - | unpruned | - | " + " | ".join(f"{sum(v) / len(v):.3f}" for v in res["base"].values()) + " | - |",
     ]
-    bi = {r["draw"]: r for r in res["runs"] if r["method"] == "bi"}
-    for r in res["runs"]:
-        cells = [_mean_se(r["losses"][e], bi[r["draw"]]["losses"][e]) for e in evals]
+    if res["base"]:
+        lines.append("| - | unpruned | - | " + " | ".join(f"{sum(v) / len(v):.3f}" for v in res["base"].values())
+                     + " | - |")
+    by = {(r["draw"], r["method"]): r for r in res["runs"]}
+    for r in sorted(res["runs"], key=lambda r: (r["draw"], METHODS.index(r["method"]))):
+        ref = by.get((r["draw"], "bi"))
+        cells = [_cell(r["losses"][e], ref["losses"][e] if ref else None) for e in evals]
         lines.append(f"| {r['draw']} | {r['method']} | {r['dropped']} | " + " | ".join(cells)
                      + f" | {r['seconds']:.0f} |")
-    lines += ["", "Stability (layers dropped by both draws, of 15):", ""]
+    pairs = [(d, e) for d in "AB" for e in evals if (d, "block_loss") in by and (d, "greedy_loss") in by]
+    if pairs:
+        lines += ["", "greedy_loss against block_loss (paired difference ± standard error over rows):", ""]
+        lines += [f"- draw {d}, {e}: " + _mean_se(by[d, "greedy_loss"]["losses"][e], by[d, "block_loss"]["losses"][e])
+                  for d, e in pairs]
+    return "\n".join(lines + _stability(res, s))
+
+
+def _stability(res: dict, s: dict) -> list[str]:
+    lines = ["", "Stability (layers dropped by both draws, of 15):", ""]
     for m in METHODS:
         a, b = ({tuple(r["dropped"]) for r in res["runs"] if r["method"] == m and r["draw"] == d} for d in "AB")
         if a and b:
@@ -165,14 +184,14 @@ def render(res: dict) -> str:
     missing = [m for m in METHODS if m not in {r["method"] for r in res["runs"]}]
     if missing:
         lines += ["", f"Not measured in this run: {', '.join(missing)}."]
-    lines += ["", f"Machine: {s['host']}, {s['threads']} threads, shared with other jobs (seconds are noisy).", ""]
-    return "\n".join(lines)
+    return lines + ["", f"Machine: {s['host']}, {s['threads']} threads, shared with other jobs (seconds are noisy).",
+                    ""]
 
 
 def merge(paths: list[str]) -> dict:
     """Results of several processes (one per draw) as one."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    return {"base": next(p["base"] for p in parts if p["base"]), "settings": parts[0]["settings"],
+    return {"base": next((p["base"] for p in parts if p["base"]), {}), "settings": parts[0]["settings"],
             "runs": [r for p in parts for r in p["runs"]]}
 
 

@@ -105,6 +105,7 @@ def build_loops(b: int, s: int, core_attention: str) -> Loops:
 
 
 # -- megaslim as it was before issue 18 (for the before/after rows) ---------------------------------
+# A re-implementation on purpose: the "before" leg must run the old loss code, which megaslim no longer has.
 class _OldForwardKL(torch.autograd.Function):
     """The fused forward KL before issue 18 (eight [tokens, vocab] tensors), kept here to measure against."""
 

@@ -151,7 +151,17 @@ def verify(path: str | Path, iteration: Optional[int] = None) -> dict:
     """Read a checkpoint's metadata and check every data file it references exists and is long
     enough. Returns megaslim.json; raises MegaslimError saying what is wrong."""
     meta = read_meta(path, iteration)
-    ckpt = Path(meta["path"])
+    verify_files(Path(meta["path"]))
+    return meta
+
+
+def _load_common_weights_only(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def verify_files(ckpt: Path, read_common=_load_common_weights_only) -> None:
+    """Check one torch_dist folder: metadata.json names torch_dist, `read_common(common.pt)` succeeds
+    (a MegaslimError it raises passes through), every data file `.metadata` references is long enough."""
 
     def corrupt(what: str) -> MegaslimError:
         return MegaslimError(f"checkpoint {ckpt} is corrupt or truncated: {what}")
@@ -163,7 +173,9 @@ def verify(path: str | Path, iteration: Optional[int] = None) -> dict:
     if backend != "torch_dist":
         raise corrupt(f"metadata.json names backend {backend!r}, expected 'torch_dist'")
     try:
-        torch.load(ckpt / "common.pt", map_location="cpu", weights_only=True)
+        read_common(ckpt / "common.pt")
+    except MegaslimError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure means unusable
         raise corrupt(f"common.pt is missing or unreadable ({type(err).__name__}: {err})") from None
     try:
@@ -181,7 +193,6 @@ def verify(path: str | Path, iteration: Optional[int] = None) -> dict:
             raise corrupt(f"data file {name} is missing")
         if f.stat().st_size < end:
             raise corrupt(f"data file {name} has {f.stat().st_size} bytes, the index needs {end}")
-    return meta
 
 
 def check_arch(meta: dict, arch: ModelArch) -> None:
@@ -269,6 +280,23 @@ def save_checkpoint(model, arch: ModelArch, root: str | Path, iteration: int, *,
     return final
 
 
+def save_sharded(state: dict, root: Path, partial: Path, **save_kwargs) -> None:
+    """Collective: write `state` (sharded tensors + common objects, megatron's torch_dist) into a fresh
+    folder `partial` under `root`. A failed save removes `partial` (out of space: one line); putting the
+    finished folder into place is the caller's (rank 0, `mio.swap_dir`)."""
+    from megatron.core import dist_checkpointing
+
+    rank0 = dist.get_rank() == 0
+    with _failed_save(root, partial, rank0):
+        if rank0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+        dist.barrier()
+        with quiet_megatron_internals():
+            dist_checkpointing.save(state, str(partial), **save_kwargs)  # ends with a barrier
+
+
 # Out of space as the writers report it: OSError ENOSPC/EDQUOT, or (torch.save into a file that stopped
 # taking bytes, possibly in DCP's writer processes, whose errors arrive as text) "unexpected pos".
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -349,6 +377,7 @@ def _metadata(arch: ModelArch, iteration: int, tokenizer_dir, *, has_tok: bool, 
         "saved_with": {
             "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
             "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+            "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
             "world_size": dist.get_world_size(),
             "megatron_core": _megatron_version(),
         },
@@ -372,14 +401,21 @@ def load_into(model, path: str | Path, *, iteration: Optional[int] = None,
     Strict: every model tensor must come from the checkpoint. Returns the checkpoint's metadata;
     `sharded_extra` (e.g. {"optimizer": its sharded state dict}) is loaded too and returned in
     meta["loaded_extra"] for the caller to apply (a resume reads its own run's state this way)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     meta = verify(path, iteration)
     arch = arch or getattr(model, "arch", None)
     if arch is not None:
         check_arch(meta, arch)
+    meta["loaded_extra"] = load_sharded(model, Path(meta["path"]), sharded_extra=sharded_extra)
+    return meta
+
+
+def load_sharded(model, ckpt: Path, *, sharded_extra: Optional[dict] = None) -> dict:
+    """Collective: fill this rank's `model` shard from the verified torch_dist folder `ckpt` (any saved
+    TP/PP; strict: every model tensor must come from it). Returns the loaded `sharded_extra` entries."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
     # ShardedObjects (`_extra_state`: None for local layers, FP8 scales for TE) are stored as pickles
     # that torch unpickles without restriction; they are not weights, so they are not read.
     request = {k: v for k, v in model.sharded_state_dict().items() if not isinstance(v, ShardedObject)}
@@ -388,21 +424,20 @@ def load_into(model, path: str | Path, *, iteration: Optional[int] = None,
     try:
         with quiet_megatron_internals():
             loaded = dist_checkpointing.load(
-                {"model": request, **(sharded_extra or {})}, meta["path"],
+                {"model": request, **(sharded_extra or {})}, str(ckpt),
                 strict=StrictHandling.RAISE_UNEXPECTED)
     except (Exception, CheckpointException) as err:  # DCP's is a BaseException
         cause = _root_cause(err)
         raise MegaslimError(
-            f"checkpoint {meta['path']} does not load into this model "
+            f"checkpoint {ckpt} does not load into this model "
             f"({type(cause).__name__}: {_first_line(cause)})") from err
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise MegaslimError(
-            f"checkpoint {meta['path']} does not match the model: missing {missing[:5]}, "
+            f"checkpoint {ckpt} does not match the model: missing {missing[:5]}, "
             f"unexpected {list(unexpected)[:5]}")
-    meta["loaded_extra"] = {k: loaded[k] for k in (sharded_extra or {})}
-    return meta
+    return {k: loaded[k] for k in (sharded_extra or {})}
 
 
 def _root_cause(err: BaseException) -> BaseException:

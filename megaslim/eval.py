@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from megaslim.model.expert_parallel import pad_for_expert_parallel
 from megaslim.model.forward import make_microbatches, run_forward
 from megaslim.model.logits import vocab_parallel_ce
 from megaslim.runtime.layout import ParallelLayout
@@ -17,7 +18,8 @@ def evaluate_rows(model, rows: torch.Tensor, *, vocab_size: int, micro_batch_siz
     from megatron.core import parallel_state as ps
 
     t0 = time.time()
-    mine = ParallelLayout.from_groups().shard_rows(rows)
+    layout = ParallelLayout.from_groups()
+    mine = layout.shard_rows(rows)
     seq_length = rows.shape[1] - 1
 
     def on_output(batch, logits):  # logits [b, s, V/TP]
@@ -25,8 +27,11 @@ def evaluate_rows(model, rows: torch.Tensor, *, vocab_size: int, micro_batch_siz
         mask = batch["loss_mask"]
         return {"sum": (loss.double() * mask).sum(), "count": mask.sum().double()}
 
-    outs = run_forward(model, make_microbatches(mine, micro_batch_size), on_output,
-                       seq_length=seq_length, micro_batch_size=micro_batch_size) if len(mine) else []
+    batches = make_microbatches(mine, micro_batch_size) if len(mine) else []
+    # under EP every DP rank runs as many micro-batches (masked copies count nowhere)
+    batches = pad_for_expert_parallel(batches, rows.shape[0], layout.dp, micro_batch_size)
+    outs = run_forward(model, batches, on_output, seq_length=seq_length,
+                       micro_batch_size=micro_batch_size) if batches else []
     total = torch.zeros(2, dtype=torch.float64)
     # Only one rank per (last stage, DP replica) contributes, so a world all-reduce gives the total.
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:

@@ -1,4 +1,5 @@
-"""Resolve `model.load` (HF dir | .gguf | embedded default) and build this rank's loaded GPTModel."""
+"""Resolve `model.load` (HF dir | .gguf | megaslim or Megatron-LM checkpoint | embedded default) and build
+this rank's loaded GPTModel."""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from megaslim import assets
+from megaslim import assets, megatron_lm
 from megaslim import checkpoint as ckpt
 from megaslim import io as mio
 from megaslim.config import ModelConfig
@@ -23,7 +24,7 @@ from megaslim.model.state import load_full_state
 
 @dataclass
 class Source:
-    kind: str  # hf | checkpoint
+    kind: str  # hf | checkpoint | megatron_lm
     path: Path  # directory holding the weights
     tokenizer_dir: Optional[Path]
     label: str  # what the user asked for, for tables and metadata
@@ -108,9 +109,12 @@ def resolve_source(load: Optional[str], key: str = "model.load") -> Source:
         meta = ckpt.read_meta(path)
         tok = meta.get("tokenizer_dir")
         return Source("checkpoint", path, Path(tok) if tok else None, str(load))
+    if megatron_lm.looks_like(path):
+        found = megatron_lm.open_checkpoint(path, key)  # refuses what megaslim cannot express, by name
+        return Source("megatron_lm", found.path, megatron_lm.tokenizer_dir(found), str(load))
     raise MegaslimError(
         f"{key}={load}: not a Hugging Face directory (config.json), a .gguf file, "
-        "or a megaslim torch_dist checkpoint"
+        "a megaslim torch_dist checkpoint, or a Megatron-LM torch_dist checkpoint"
     )
 
 
@@ -120,6 +124,8 @@ def source_arch(source: Source) -> ModelArch:
         arch = hf.arch_from_hf_config(hf.read_hf_config(source.path))
         check_hf_weights(source.path, arch)
         return arch
+    if source.kind == "megatron_lm":
+        return megatron_lm.arch_of(megatron_lm.open_checkpoint(source.path))
     return ModelArch.from_dict(ckpt.read_meta(source.path)["arch"])
 
 
@@ -134,6 +140,12 @@ def load_model(model_cfg: ModelConfig, source: Optional[Source] = None):
     """(model, arch, source): this rank's GPTModel shard with the source's weights."""
     source = source or resolve_source(model_cfg.load)
     arch = source_arch(source)
+    if source.kind == "megatron_lm":
+        found = megatron_lm.open_checkpoint(source.path)
+        model = build_gpt(arch, megatron_lm.model_config_for(model_cfg, found), init_weights=False)
+        megatron_lm.load_into(model, found)
+        model.eval()
+        return model, arch, source
     model = build_gpt(arch, model_cfg, init_weights=False)
     if source.kind == "hf":
         load_full_state(model, hf.hf_fetcher(hf.HFReader(source.path), arch))

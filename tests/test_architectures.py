@@ -212,8 +212,8 @@ def _cfg(family, **kw):
 
 
 @pytest.mark.parametrize("family, kw, needle", [
-    ("mixtral", dict(num_local_experts=4), r"mixture-of-experts .*num_local_experts"),
-    ("qwen2_moe", dict(num_experts=4), r"mixture-of-experts .*num_experts"),
+    ("llama", dict(num_experts=4), r"mixture-of-experts .*num_experts"),
+    ("qwen2_moe", dict(num_experts=4, n_group=2, topk_group=1), r"n_group=2 \(grouped top-k routing"),
     ("mistral", dict(sliding_window=16), r"sliding-window attention \(sliding_window=16 < max_position_embeddings=256"),
     ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1), "sliding-window attention"),
     ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),

@@ -56,6 +56,7 @@ def start(cfg: Config):
     return init_runtime(
         tp=cfg.parallel.tensor_model_parallel_size,
         pp=cfg.parallel.pipeline_model_parallel_size,
+        ep=cfg.parallel.expert_model_parallel_size,
         seed=cfg.train.seed,
     )
 

@@ -120,7 +120,7 @@ def _teacher_correction(cfg: Config, layout: ParallelLayout, out: Path) -> Optio
                     distill__student__load=str(resolve_source(cfg.model.load).path), distill__kd_loss_scale=0.0,
                     distill__skip_lm_loss=False, distill__intermediate_layer_pairs=[], train__train_iters=iters,
                     train__warmup_iters=min(cfg.train.warmup_iters, iters // 10), train__lr_decay_iters=None,
-                    export__hf_dir=None)
+                    export__hf_dir=None, export__megatron_dir=None)
     if not done["finished"]:
         raise _Stopped("teacher correction", done)
     return done
@@ -146,10 +146,12 @@ def _round(cfg: Config, layout: ParallelLayout, i: int, target, source: str, ori
         _drop_unfinished(pdir)
         pruned = prune_cmd.run(_stage_cfg(cfg, output_dir=str(pdir), model__load=source,
                                           prune__export_config=target, export__hf_dir=None,
-                                          importance__only=False))
+                                          export__megatron_dir=None, importance__only=False))
     teacher = original if cfg.compress.teacher == "original" else source
+    megatron_dir = str(Path(cfg.export.megatron_dir) / f"round{i}") if cfg.export.megatron_dir else None
     distilled = _distill(cfg, layout, rdir / "distill", distill__teacher__load=teacher,
-                         distill__student__load=str(pdir / "checkpoint"), export__hf_dir=str(hf_dir))
+                         distill__student__load=str(pdir / "checkpoint"), export__hf_dir=str(hf_dir),
+                         export__megatron_dir=megatron_dir)
     if not distilled["finished"]:
         raise _Stopped(f"round {i} distillation", distilled)
     return {"round": i, "params": pruned["params_after"], "pruned_loss": pruned["loss_after"],

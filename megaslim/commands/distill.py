@@ -3,7 +3,7 @@
 torchrun --nproc-per-node N launch/distill.py --config CONFIG [key.sub=value ...]
 `distill.student.load` unset: the student is the teacher pruned by the `prune` section.
 Outputs in <output_dir>: checkpoint/ (torch_dist, resumable with resume=true), metrics.jsonl,
-loss_curve.png, distill.json, tensorboard/.
+loss_curve.png, distill.json, tensorboard/; export.hf_dir / export.megatron_dir when set and finished.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from megaslim import checkpoint as ckpt
-from megaslim import config
+from megaslim import config, megatron_lm
 from megaslim import io as mio
 from megaslim.commands import cli
 from megaslim.config import Config, ModelConfig
@@ -144,6 +144,9 @@ def _check_outputs(cfg: Config) -> None:
     if cfg.export.hf_dir:
         config.check_output_dir_writable(cfg.export.hf_dir, "export.hf_dir")
         check_output_dir(Path(cfg.export.hf_dir))
+    if cfg.export.megatron_dir:
+        config.check_output_dir_writable(cfg.export.megatron_dir, "export.megatron_dir")
+        megatron_lm.check_export_dir(Path(cfg.export.megatron_dir))
     root = Path(cfg.output_dir) / "checkpoint"
     if not ckpt.is_checkpoint(root):
         ckpt.check_output_dir(root)
@@ -284,6 +287,8 @@ def finished_run(cfg: Config) -> Optional[dict]:
         return None
     if cfg.export.hf_dir and not (Path(cfg.export.hf_dir) / "config.json").is_file():
         return None  # finished, but the export asked for now is not there: the resume writes it
+    if cfg.export.megatron_dir and not (Path(cfg.export.megatron_dir) / megatron_lm.TRACKER).is_file():
+        return None
     if os.environ.get("RANK", "0") == "0":  # no process group yet: the launcher's rank 0 says it
         print(f"distill: the run in {out} is finished (step {step}, train.train_iters={cfg.train.train_iters}); "
               "nothing to do, nothing changed. Raise train.train_iters to train further, or choose another "
@@ -320,7 +325,7 @@ def _plan_from_importance(cfg: Config, teacher, teacher_arch: ModelArch, calib_r
                           hf_export=False)
     return build_plan(teacher_arch, target, scores, drop_layers=p.drop_layers, layer_metric=p.layer_metric,
                       contiguous=p.drop_contiguous, fold_heads=p.fold_heads and p.fold_mode,
-                      layer_blocks=p.layer_blocks)
+                      layer_blocks=p.layer_blocks, expert_metric=p.expert_metric)
 
 
 def _train_data(cfg: Config, inp: Inputs, trainer: Trainer) -> Iterator[dict]:
@@ -444,6 +449,10 @@ def report(cfg: Config, inp: Inputs, b: Built, losses: Losses, timer: Timer) -> 
     if cfg.export.hf_dir and result["finished"]:
         result["hf_dir"] = str(export_hf(b.models.student, arch, cfg.export.hf_dir, tokenizer_dir=b.tokenizer_dir,
                                          source=str(trainer.ckpt_root)))
+    if cfg.export.megatron_dir and result["finished"]:
+        result["megatron_dir"] = str(megatron_lm.export_megatron_lm(
+            b.models.student, arch, cfg.export.megatron_dir, iteration=trainer.step,
+            divisible_by=cfg.model.make_vocab_size_divisible_by, tokenizer_dir=b.tokenizer_dir))
     result["mode"] = "offline" if inp.store is not None else ("lm" if trainer.lm_only else "online")
     result["fp8"] = cfg.distill.fp8
     gap = losses.start - losses.teacher if losses.teacher is not None else 0.0

@@ -3,7 +3,8 @@
 torchrun --nproc-per-node N launch/prune.py --config CONFIG [key.sub=value ...]
 `importance.only=true` computes and saves the scores and plots without pruning.
 Outputs in <output_dir>: importance.safetensors + importance_*.png, prune_plan.json, eval_before.json,
-eval.json, checkpoint/ (torch_dist), export.hf_dir if set, prune.json (summary).
+eval.json, checkpoint/ (torch_dist), export.hf_dir / export.megatron_dir (Megatron-LM checkpoint) if set,
+prune.json (summary).
 `prune.iterative=N` (N > 1, source PP=1) prunes in N steps, re-scoring before each: it also writes
 importance_step{i}.safetensors and prune_plan_steps.json (the chain; prune_plan.json is their composition).
 `prune.fold_heads=true` folds pruned heads into kept heads of their query group (`prune.fold_mode`:
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from megaslim import checkpoint as ckpt
-from megaslim import config, report
+from megaslim import config, megatron_lm, report
 from megaslim import io as mio
 from megaslim.commands import cli
 from megaslim.config import Config
@@ -108,6 +109,7 @@ class Outcome:
     after: dict
     hf_dir: Optional[Path]
     sparsity: Sparsity
+    megatron_dir: Optional[Path] = None  # export.megatron_dir, when set
 
 
 # -- validate --------------------------------------------------------------------------------------
@@ -168,6 +170,9 @@ def validate(cfg: Config) -> Job:
     config.check_output_dir_writable(cfg.output_dir)
     if cfg.export.hf_dir:
         config.check_output_dir_writable(cfg.export.hf_dir, "export.hf_dir")
+    if cfg.export.megatron_dir:
+        config.check_output_dir_writable(cfg.export.megatron_dir, "export.megatron_dir")
+        megatron_lm.check_export_dir(Path(cfg.export.megatron_dir))
     layout = ParallelLayout.from_config(cfg)
     ttp, tpp = layout.target_tp or layout.tp, layout.target_pp or layout.pp
     check_layout(layout.world_size, ttp, tpp)
@@ -190,6 +195,9 @@ def validate(cfg: Config) -> Job:
     job = Job(cfg, layout, source, arch, plan, scores, target, shapes)
     if job.needs_scores or job.iterative:
         check_importance_spec(cfg.model.transformer_impl)
+    if job.needs_scores:  # block_loss / greedy_loss against the source's layer count (layer_blocks <= k)
+        depth_kwargs(cfg.prune, cfg.importance.layer_metrics, arch.num_layers,
+                     target.num_layers if target is not None else None)
     return job
 
 
@@ -301,7 +309,7 @@ def make_plan(job: Job, inputs: Inputs, model, arch: ModelArch, scores):
         return compose_plans(chain, drop_folds=True), chain, steps
     plan = build_plan(arch, target, scores, drop_layers=p.drop_layers, layer_metric=p.layer_metric,
                       contiguous=p.drop_contiguous, fold_heads=p.fold_heads and p.fold_mode,
-                      layer_blocks=p.layer_blocks)
+                      layer_blocks=p.layer_blocks, expert_metric=p.expert_metric)
     return plan, None, []
 
 
@@ -325,7 +333,12 @@ def prune(job: Job, inputs: Inputs, model, arch: ModelArch, scores) -> Outcome:
     if cfg.export.hf_dir:
         hf_dir = export_hf(pruned, plan.target_arch, cfg.export.hf_dir, tokenizer_dir=tokenizer_dir,
                            source=str(job.out_dir))
-    return Outcome(plan, chain, steps, before, after, hf_dir, inputs.sparsity)
+    mlm_dir = None
+    if cfg.export.megatron_dir:
+        mlm_dir = megatron_lm.export_megatron_lm(pruned, plan.target_arch, cfg.export.megatron_dir, iteration=0,
+                                                 divisible_by=cfg.model.make_vocab_size_divisible_by,
+                                                 tokenizer_dir=tokenizer_dir)
+    return Outcome(plan, chain, steps, before, after, hf_dir, inputs.sparsity, mlm_dir)
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -379,6 +392,7 @@ def finish(job: Job, arch: ModelArch, out: Outcome, timer: report.Timer) -> dict
         "params_after": plan.target_arch.num_params(), "loss_before": before["loss"],
         "loss_after": after["loss"], "seconds": timer.seconds, "checkpoint": str(out_dir / "checkpoint"),
         "hf_dir": str(out.hf_dir) if out.hf_dir else None, "target_tp": job.ttp, "target_pp": job.tpp,
+        "megatron_dir": str(out.megatron_dir) if out.megatron_dir else None,
         "fold_heads": bool(plan.fold_heads or any(p.fold_heads for p in out.chain or [])),
         "iterative": job.cfg.prune.iterative, "steps": out.steps, "sparsity": out.sparsity.summary()}
     if report.is_rank0():
@@ -391,6 +405,7 @@ def finish(job: Job, arch: ModelArch, out: Outcome, timer: report.Timer) -> dict
         ("layout", f"TP={job.layout.tp} PP={job.layout.pp} -> TP={job.ttp} PP={job.tpp}"),
         ("seconds", round(timer.seconds, 1)),
         ("checkpoint", out_dir / "checkpoint"), ("hf_dir", out.hf_dir or "-"),
+        ("megatron_dir", out.megatron_dir or "-"),
     ])
     return result
 

@@ -61,6 +61,13 @@ class CoreAttention(Choice):
     local = "local"  # megatron's own DotProductAttention (its AttnBackend.local)
 
 
+class ExpertMetric(Choice):
+    """How prune.export_config.num_moe_experts ranks experts (megaslim.importance.experts)."""
+    reap = "reap"  # sum over routed tokens of router weight x |expert output| (REAP-style)
+    l2 = "l2"  # L2 over routed tokens of |expert output| (the router weight left out)
+    frequency = "frequency"  # fraction of tokens routed to the expert
+
+
 class SearchAxis(Choice):
     num_layers = "num_layers"
     hidden_size = "hidden_size"

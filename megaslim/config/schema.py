@@ -10,6 +10,7 @@ from megaslim.config.choices import (
     CompressTeacher,
     CoreAttention,
     DType,
+    ExpertMetric,
     FoldMode,
     Fp8Mode,
     Fp8Recipe,
@@ -26,7 +27,8 @@ from megaslim.config.choices import (
 
 @dataclass
 class ModelConfig:
-    # HF dir | .gguf file | torch_dist checkpoint dir; unset = the embedded SmolLM2-135M-Instruct.
+    # HF dir | .gguf file | megaslim or Megatron-LM (Bridge) torch_dist checkpoint dir; unset = the embedded
+    # SmolLM2-135M-Instruct.
     load: Optional[str] = None
     transformer_impl: TransformerImpl = TransformerImpl.local  # modelopt = TE norms + separate linears
     core_attention: CoreAttention = CoreAttention.sdpa  # transformer_impl=local only (TE/modelopt: TE's kernels)
@@ -40,6 +42,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1  # MoE: whole experts split over EP of the data-parallel ranks
 
 
 @dataclass
@@ -58,6 +61,9 @@ class ExportConfigShape:
     num_attention_heads: Optional[int] = None
     num_query_groups: Optional[int] = None
     num_layers: Optional[int] = None
+    num_moe_experts: Optional[int] = None  # MoE: routed experts kept per layer (router rows go with them)
+    moe_ffn_hidden_size: Optional[int] = None  # MoE: neurons kept in every expert (each its own best)
+    moe_shared_expert_intermediate_size: Optional[int] = None  # MoE: neurons kept in the shared expert
 
 
 @dataclass
@@ -108,6 +114,7 @@ class PruneConfig:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     fold_heads: bool = False
     fold_mode: FoldMode = FoldMode.proj_sum  # proj_sum (measured best, docs/pruning.md) | laco
+    expert_metric: ExpertMetric = ExpertMetric.reap  # MoE: ranks experts for export_config.num_moe_experts
     iterative: int = 1
     target_tensor_model_parallel_size: Optional[int] = None
     target_pipeline_model_parallel_size: Optional[int] = None
@@ -131,6 +138,8 @@ class DistillConfig:
     contrastive_temperature: float = 0.1
     jsd_beta: float = 0.5
     top_k: int = 64  # for kl=topk
+    # > 0: output layers + logit losses in chunks of this many tokens (megaslim.distill.chunked); 0: whole logits
+    logit_chunk_tokens: int = 0
     fp8: Optional[Fp8Mode] = None  # Transformer Engine; docs/fp8.md
     fp8_recipe: Fp8Recipe = Fp8Recipe.delayed
     fp8_amax_history_len: int = 1024
@@ -167,6 +176,8 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     hf_dir: Optional[str] = None
+    # Megatron-LM checkpoint root (iter_NNNNNNN/ + latest_checkpointed_iteration.txt) for pretrain_gpt.py --load
+    megatron_dir: Optional[str] = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ Layout checks that need the world size (TP*PP divides it, the global batch split
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from megaslim.config.choice_check import check_choices
@@ -16,6 +17,7 @@ from megaslim.config.schema import Config
 _AT_LEAST_ONE = (
     "parallel.tensor_model_parallel_size",
     "parallel.pipeline_model_parallel_size",
+    "parallel.expert_model_parallel_size",
     "data.seq_length",
     "data.micro_batch_size",
     "importance.num_samples",
@@ -46,8 +48,10 @@ _AT_LEAST_ZERO = (  # intervals: 0 (or unset) = off
     "checkpoint.save_interval",
     "prune.search.train_iters",
     "compress.teacher_correction_iters",
+    "distill.logit_chunk_tokens",  # 0 = whole logits
 )
-SHAPE_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers")
+SHAPE_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers",
+              "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -148,10 +152,6 @@ def _check_depth(cfg: Config) -> None:
     computes = not imp.scores_path and not (p.plan_path and not imp.only)
     if computes and p.export_config.num_layers is None and (imp.only or joint):
         raise ConfigError(f"{what} scores removing k layers: set prune.export_config.num_layers")
-    if computes and cfg.parallel.pipeline_model_parallel_size != 1:
-        raise ConfigError(f"{what} reruns the layers after each candidate in one process and needs "
-                          "parallel.pipeline_model_parallel_size=1 (write the result at any PP with "
-                          "prune.target_pipeline_model_parallel_size)")
 
 
 def target_params_clashes(cfg: Config) -> list[str]:
@@ -240,8 +240,20 @@ def _check_generate(cfg: Config) -> None:
         raise ConfigError(f"generate.top_p must be in (0, 1] (got {g.top_p})")
 
 
+def _check_exports(cfg: Config) -> None:
+    """export.megatron_dir is a folder of its own: not the run's output_dir nor the HF export."""
+    mdir = cfg.export.megatron_dir
+    if mdir is None:
+        return
+    where = os.path.abspath(os.path.expanduser(mdir))
+    for key, other in (("output_dir", cfg.output_dir), ("export.hf_dir", cfg.export.hf_dir)):
+        if other is not None and os.path.abspath(os.path.expanduser(other)) == where:
+            raise ConfigError(f"export.megatron_dir={mdir} is also {key}; give the Megatron-LM checkpoint its own "
+                              "folder")
+
+
 _SECTIONS = (_check_counts, _check_train, _check_prune_target, _check_drop_list, _check_depth, _check_target_params,
-             _check_iterative, _check_sparsity_and_search, _check_distill, _check_generate)
+             _check_iterative, _check_sparsity_and_search, _check_distill, _check_generate, _check_exports)
 
 
 def validate(cfg: Config) -> None:

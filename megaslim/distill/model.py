@@ -6,6 +6,8 @@ is [student | teacher] concatenated along the hidden dim (p2p shapes widened by
 
 `teacher=None` runs the student alone (offline teacher logits, or LM-only training on synthetic data):
 the last stage then returns `(student_logits, None)` and no p2p widening is needed.
+`hidden_out=True` (chunked logit losses, `megaslim.distill.chunked`): the last stage returns both models'
+final hidden states [s, b, h] instead of their logits; the loss runs the output layers chunk by chunk.
 `fp8` (a `megaslim.distill.fp8.Fp8Context`) runs both forwards of a micro-batch in one FP8 autocast
 region; the student's FP8 weight cache is refreshed at the first micro-batch of each step (megatron's
 schedules call `set_is_first_microbatch`), the frozen teacher's is made once and reused.
@@ -16,11 +18,12 @@ import contextlib
 
 import torch
 
+from megaslim.distill.chunked import final_hidden_states
 from megaslim.distill.fp8 import reset_weight_cache
 
 
 class DistillModel(torch.nn.Module):
-    def __init__(self, student_ddp, teacher, *, fp8=None):
+    def __init__(self, student_ddp, teacher, *, fp8=None, hidden_out: bool = False):
         super().__init__()
         self.module = student_ddp  # megatron's get_attr_wrapped_model walks `.module`
         self.teacher = teacher
@@ -28,6 +31,7 @@ class DistillModel(torch.nn.Module):
         self.h_s = student_ddp.module.config.hidden_size
         self.h_t = teacher.config.hidden_size if teacher is not None else 0
         self.fp8 = fp8
+        self.hidden_out = hidden_out
         self._teacher_fp8_cached = False
         if teacher is not None:
             teacher.eval()
@@ -56,9 +60,19 @@ class DistillModel(torch.nn.Module):
         if self.fp8 is not None:
             reset_weight_cache(self.student)
 
+    def _heads_off(self, last: bool):
+        """Both models stop before their output layers (hidden_out on the last stage), else a no-op."""
+        stack = contextlib.ExitStack()
+        if self.hidden_out and last:
+            stack.enter_context(final_hidden_states(self.student))
+            if self.teacher is not None:
+                stack.enter_context(final_hidden_states(self.teacher))
+        return stack
+
     def forward(self, tokens, position_ids, attention_mask=None):
         fp8_region = self.fp8() if self.fp8 is not None else contextlib.nullcontext()
-        with fp8_region:
+        last = self.student.post_process
+        with fp8_region, self._heads_off(last):
             t_out = None
             if self.teacher is not None:
                 if self.fp8 is not None and not self._teacher_fp8_cached:
@@ -67,8 +81,10 @@ class DistillModel(torch.nn.Module):
                 with torch.no_grad():
                     t_out = self.teacher(tokens, position_ids, attention_mask)
             s_out = self.module(tokens, position_ids, attention_mask)
-        if self.student.post_process:
-            return s_out, t_out  # vocab-parallel logits [b, s, V/TP] of both (teacher: None if absent)
+        if last:
+            # vocab-parallel logits [b, s, V/TP] of both (teacher: None if absent); hidden_out: the
+            # final hidden states [s, b, h] instead
+            return s_out, t_out
         if t_out is None:
             return s_out
         return torch.cat([s_out, t_out.detach()], -1)

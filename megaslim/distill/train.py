@@ -15,15 +15,13 @@ import torch.distributed as dist
 from megaslim import checkpoint as ckpt
 from megaslim import io as mio
 from megaslim.config import Config
-from megaslim.distill import fp8, losses
+from megaslim.distill import chunked, fp8, losses
 from megaslim.distill.model import DistillModel
-from megaslim.distill.offline import offline_topk_kl_per_token
 from megaslim.errors import MegaslimError
 from megaslim.eval import evaluate_rows
 from megaslim.figures import pyplot, save_png
 from megaslim.model.arch import ModelArch
 from megaslim.model.compat import prepare_distributed_optimizer_for_load, unshare_adam_steps
-from megaslim.model.logits import vocab_parallel_ce
 from megaslim.sparsity.apply import MASKS_KEY
 from megaslim.sparsity.train import MaskKeeper, check_resume
 
@@ -134,6 +132,15 @@ def lm_only(cfg: Config) -> bool:
     return d.kd_loss_scale == 0 and not d.intermediate_layer_pairs and not d.skip_lm_loss
 
 
+def logit_loss_spec(cfg: Config, student_arch: ModelArch, *, offline: bool, lm_only: bool) -> chunked.LogitLoss:
+    """The logit terms of a run: offline top-k, the `distill.kl` kind, or none (LM-only); the LM loss
+    unless `distill.skip_lm_loss`."""
+    d = cfg.distill
+    kind = chunked.OFFLINE if offline else (None if lm_only else str(d.kl))
+    return chunked.LogitLoss(vocab_size=student_arch.vocab_size, kind=kind, temperature=d.logit_kl_temperature,
+                             beta=d.jsd_beta, top_k=d.top_k, lm=not d.skip_lm_loss)
+
+
 class Trainer:
     """One distillation run's optimizer, scheduler, checkpoints and steps.
 
@@ -172,7 +179,9 @@ class Trainer:
         settings = fp8.settings_from_config(cfg)
         self.fp8 = fp8.Fp8Context(settings) if settings is not None else None
         teacher = None if (offline or self.lm_only) else models.teacher
-        self.model = DistillModel(self.ddp, teacher, fp8=self.fp8)
+        self.chunk_tokens = cfg.distill.logit_chunk_tokens  # 0: whole logits; else see distill.chunked
+        self.logit_loss = logit_loss_spec(cfg, models.student_arch, offline=offline, lm_only=self.lm_only)
+        self.model = DistillModel(self.ddp, teacher, fp8=self.fp8, hidden_out=self.chunk_tokens > 0)
         opt_config = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=0.9,
             adam_beta2=0.95, adam_eps=1e-8, clip_grad=t.clip_grad, bf16=student.config.bf16,
@@ -265,25 +274,16 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------
     def _loss_func(self, batch, output):
-        s_logits, t_logits = output
+        s_out, t_out = output
         mask = batch["loss_mask"]
         d = self.cfg.distill
-        if self.offline:
-            kd = losses.masked_mean(offline_topk_kl_per_token(
-                student_logits=s_logits, topk_idx=batch["teacher_topk_idx"], topk_logp=batch["teacher_topk_logp"],
-                vocab_size=self.models.student_arch.vocab_size, temperature=d.logit_kl_temperature,
-                top_k=d.top_k), mask)
-        elif self.lm_only:
-            kd = torch.zeros((), dtype=torch.float32, device=s_logits.device)
-        else:
-            kd = losses.logit_kd_loss(student_logits=s_logits, teacher_logits=t_logits, loss_mask=mask,
-                                      vocab_size=self.models.student_arch.vocab_size, kind=d.kl,
-                                      temperature=d.logit_kl_temperature, beta=d.jsd_beta,
-                                      top_k=d.top_k if d.kl == "topk" else None)
-        lm = None
-        if not d.skip_lm_loss:
-            vocab = self.models.student_arch.vocab_size
-            lm = losses.masked_mean(vocab_parallel_ce(s_logits, batch["labels"], vocab), mask)
+        if self.chunk_tokens > 0:  # s_out, t_out: final hidden states [s, b, h]
+            kd, lm = chunked.chunked_logit_losses(
+                self.logit_loss, student=self.models.student, s_hidden=s_out, teacher=self.model.teacher,
+                t_hidden=t_out, batch=batch, chunk_tokens=self.chunk_tokens)
+        else:  # vocab-parallel logits [b, s, V/TP]
+            kd, lm = chunked.logit_losses(self.logit_loss, s_out, t_out, batch)
+        lm = None if d.skip_lm_loss else lm
         inter = {}
         for s, t in self.pairs:  # self.projection: None for cosine/mse at equal widths
             inter[pair_metric_key(d.intermediate_loss, s, t)] = losses.intermediate_loss(

@@ -15,6 +15,7 @@ from megaslim.importance.hooks import CalibContext, attach_hooks
 from megaslim.importance.reduce import reduce_scores
 from megaslim.importance.scores import ImportanceScores
 from megaslim.model.arch import ModelArch
+from megaslim.model.expert_parallel import pad_for_expert_parallel
 from megaslim.model.forward import make_microbatches, run_forward
 from megaslim.runtime.layout import ParallelLayout
 
@@ -36,7 +37,9 @@ def activation_scores(model, arch: ModelArch, rows: torch.Tensor, cfg: Importanc
                       micro_batch_size: int) -> dict[str, torch.Tensor]:
     """Heads, query groups, neurons, channels and Block Importance from one pass over `rows`
     (the full calibration set; each DP rank takes rows r::dp)."""
-    batches = make_microbatches(ParallelLayout.from_groups().shard_rows(rows), micro_batch_size)
+    layout = ParallelLayout.from_groups()
+    batches = make_microbatches(layout.shard_rows(rows), micro_batch_size)
+    batches = pad_for_expert_parallel(batches, rows.shape[0], layout.dp, micro_batch_size)  # EP: same count
     ctx = CalibContext()
     bar = _progress(len(batches), "importance")
 

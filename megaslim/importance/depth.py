@@ -5,8 +5,10 @@ Per calibration micro-batch the hidden state entering every layer is cached once
 layers i..j restarts from the state cached before i and reruns only the layers after j (plus the output
 head), so a full block scan for k layers costs about (L - k)^2 / 2 layer forwards instead of L - k + 1
 full passes. Layers run TP-sharded as in the model's own forward; rows are split over DP and the loss
-sums all-reduced, so every rank holds the same scores and makes the same choice. PP=1 only (a candidate
-runs every layer after it in this process).
+sums all-reduced, so every rank holds the same scores and makes the same choice. Under PP each stage
+caches the states entering its own layers; a candidate starts on the stage holding its cached state, each
+later stage reruns its layers after the block on the state the previous stage sends (p2p), the last stage
+computes the loss and the sums are reduced over the pipeline group too.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch
@@ -27,45 +30,74 @@ GREEDY_MAX_ROUNDS = 5  # greedy_loss re-scores at most this many times: ceil(k /
 
 
 class _Stop(Exception):
-    """Raised by the first layer's pre-hook: the embedding output is all the cache needs from the model."""
+    """Raised by the stage's first layer's pre-hook: its input and kwargs are all the cache needs."""
 
 
 @dataclass
 class BatchCache:
-    """One micro-batch: states[p] enters the p-th active layer, states[-1] leaves the last one."""
-    states: list[torch.Tensor]
+    """One micro-batch on one stage: states[p] enters active position p (for this stage's positions;
+    on the last stage states[n] leaves the last active layer)."""
+    states: dict[int, torch.Tensor]
+    shape: tuple[int, ...]  # [s, b, hidden] of every state (what a stage receives)
     kwargs: dict  # what the decoder passes every layer besides hidden_states (mask, rotary embedding, ...)
     labels: torch.Tensor
     mask: torch.Tensor
 
 
 class LayerRunner:
-    """Runs a (PP=1) GPTModel's decoder layers one at a time from cached states."""
+    """Runs a GPTModel's decoder layers (this pipeline stage's) one at a time from cached states."""
 
     def __init__(self, model, vocab_size: int):
         from megatron.core import parallel_state as ps
 
-        if ps.get_pipeline_model_parallel_world_size() != 1:
-            raise MegaslimError("prune.layer_metric=block_loss/greedy_loss reruns the layers after each "
-                                "candidate in one process and needs parallel.pipeline_model_parallel_size=1")
         self.model, self.vocab_size = model, vocab_size
-        self.layers = list(model.decoder.layers)
+        self.layers = {layer.layer_number - 1: layer for layer in model.decoder.layers}  # global index -> layer
+        if not self.layers:
+            raise MegaslimError("block_loss/greedy_loss need layers on every pipeline stage")
         self.device = next(model.parameters()).device
+        self.dtype = getattr(model.config, "pipeline_dtype", None) or model.config.params_dtype
+        self.pp, self.stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+        self.first, self.last = self.stage == 0, self.stage == self.pp - 1
+        owner = torch.zeros(model.config.num_layers, dtype=torch.float64)
+        owner[list(self.layers)] = self.stage
+        if self.pp > 1:  # every layer's stage, on every rank (each layer has one owner: the sum is it)
+            owner = ParallelLayout.all_reduce(owner, ps.get_pipeline_model_parallel_group())
+            self.next_rank = ps.get_pipeline_model_parallel_next_rank()
+            self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+        self.owner = [int(s) for s in owner.tolist()]
 
-    def _embed(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        seen = {}
+    def stage_of(self, active: list[int], p: int) -> int:
+        """The stage holding the state that enters active position p (p == n: the last stage's output)."""
+        return self.pp - 1 if p == len(active) else self.owner[active[p]]
+
+    def _send(self, h: torch.Tensor) -> None:
+        dist.send(h.to(self.dtype).contiguous(), self.next_rank)
+
+    def _recv(self, shape: tuple[int, ...]) -> torch.Tensor:
+        h = torch.empty(shape, dtype=self.dtype, device=self.device)
+        dist.recv(h, self.prev_rank)
+        return h
+
+    def _enter(self, batch: dict, shape: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
+        """The state entering this stage's first layer (the embedding, or received from the previous
+        stage) and the other arguments the decoder passes its layers."""
+        seen, first = {}, self.layers[min(self.layers)]
+        if not self.first:
+            self.model.set_input_tensor(self._recv(shape))
 
         def grab(module, args, kwargs):
             seen.update(kwargs)
             raise _Stop
 
-        handle = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
         try:
             self.model(batch["tokens"], batch["position_ids"], None)
         except _Stop:
             pass
         finally:
             handle.remove()
+            if not self.first:
+                self.model.set_input_tensor(None)
         return seen.pop("hidden_states"), seen
 
     def layer(self, index: int, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -73,11 +105,18 @@ class LayerRunner:
 
     def cache(self, batch: dict, active: list[int]) -> BatchCache:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        h, kwargs = self._embed(batch)
-        states = [h]
-        for i in active:
-            states.append(self.layer(i, states[-1], kwargs))
-        return BatchCache(states, kwargs, batch["labels"], batch["loss_mask"])
+        shape = (batch["tokens"].shape[1], batch["tokens"].shape[0], self.model.config.hidden_size)
+        h, kwargs = self._enter(batch, shape)
+        states = {}
+        for p, i in enumerate(active):
+            if i in self.layers:
+                states[p] = h
+                h = self.layer(i, h, kwargs)
+        if self.last:
+            states[len(active)] = h
+        else:
+            self._send(h)
+        return BatchCache(states, shape, kwargs, batch["labels"], batch["loss_mask"])
 
     def loss_sum(self, c: BatchCache, h: torch.Tensor) -> torch.Tensor:
         """[2] (sum of token losses, token count) of the final hidden state `h` [s, b, hidden]."""
@@ -94,15 +133,33 @@ class LayerRunner:
         return vocab_parallel_ce(logits.transpose(0, 1).contiguous(), c.labels, self.vocab_size).double()
 
     def row_losses(self, c: BatchCache, h: torch.Tensor) -> torch.Tensor:
-        """[b] mean token loss of each row (padded rows: NaN) from the final hidden state `h`."""
+        """[b] mean token loss of each row (padded rows: NaN) from the final hidden state `h` (last stage)."""
         return ((self.token_losses(c, h) * c.mask).sum(1) / c.mask.sum(1).double()).cpu()
 
     def removed(self, c: BatchCache, active: list[int], p: int, q: int) -> torch.Tensor:
-        """loss_sum with active positions p..q-1 removed (p == q == len(active): the model as it is)."""
-        h = c.states[p]
+        """loss_sum with active positions p..q-1 removed (p == q == len(active): the model as it is), on
+        the last stage; zeros on the others. Every stage of the pipeline calls it for the same (p, q)."""
+        start = self.stage_of(active, p)
+        if self.stage < start:
+            return torch.zeros(2, dtype=torch.float64)
+        h = c.states[p] if self.stage == start else self._recv(c.shape)
         for i in active[q:]:
-            h = self.layer(i, h, c.kwargs)
+            if i in self.layers:
+                h = self.layer(i, h, c.kwargs)
+        if not self.last:
+            self._send(h)
+            return torch.zeros(2, dtype=torch.float64)
         return self.loss_sum(c, h)
+
+    def reduce(self, total: torch.Tensor) -> torch.Tensor:
+        """Loss sums of this rank's stage and rows -> the sums over the pipeline and the DP ranks."""
+        from megatron.core import parallel_state as ps
+
+        if self.pp > 1:  # only the last stage holds losses: the others add zeros
+            total = ParallelLayout.all_reduce(total, ps.get_pipeline_model_parallel_group())
+        if ps.get_data_parallel_world_size() > 1:
+            total = ParallelLayout.all_reduce(total, ps.get_data_parallel_group())
+        return total
 
 
 def _batches(rows: torch.Tensor, micro_batch_size: int) -> list[dict]:
@@ -112,9 +169,7 @@ def _batches(rows: torch.Tensor, micro_batch_size: int) -> list[dict]:
 def candidate_losses(runner: LayerRunner, batches: list[dict], active: list[int],
                      spans: list[tuple[int, int]]) -> tuple[torch.Tensor, float]:
     """(mean loss with each span (p, q) of active positions removed, the loss with none removed),
-    over every DP rank's rows."""
-    from megatron.core import parallel_state as ps
-
+    over every DP rank's rows, on every rank."""
     n = len(active)
     total = torch.zeros(len(spans) + 1, 2, dtype=torch.float64)
     with torch.no_grad():
@@ -124,8 +179,7 @@ def candidate_losses(runner: LayerRunner, batches: list[dict], active: list[int]
             for s, (p, q) in enumerate(spans):
                 total[s] += runner.removed(c, active, p, q)
             del c
-    if ps.get_data_parallel_world_size() > 1:
-        total = ParallelLayout.all_reduce(total, ps.get_data_parallel_group())
+    total = runner.reduce(total)
     mean = total[:, 0] / total[:, 1].clamp_min(1)
     return mean[:-1], float(mean[-1])
 

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megaslim.importance.experts import attach_expert_hooks, is_moe_layer
 from megaslim.importance.stats import SampleStats, seq_reduce
 
 
@@ -163,13 +164,16 @@ def attach_hooks(model, ctx: CalibContext, *, seq_agg: str, neuron_signal: str) 
             attn, mlp = layer.self_attention, layer.mlp
             hs.hooks.append(HeadHook(attn.linear_proj, ctx, i, heads=cfg.num_attention_heads // tp,
                                      head_dim=cfg.kv_channels, seq_agg=seq_agg))
-            hs.hooks.append(NeuronHook(mlp, ctx, i, ffn_local=cfg.ffn_hidden_size // tp,
-                                       signal=neuron_signal, seq_agg=seq_agg, gated=cfg.gated_linear_unit))
+            if not is_moe_layer(mlp):  # an MoE layer's experts: megaslim.importance.experts
+                hs.hooks.append(NeuronHook(mlp, ctx, i, ffn_local=cfg.ffn_hidden_size // tp,
+                                           signal=neuron_signal, seq_agg=seq_agg, gated=cfg.gated_linear_unit))
             hs.hooks.append(NormHook(layer.input_layernorm, ctx, i, hidden=cfg.hidden_size,
                                      seq_agg=seq_agg, name=f"{i}.input_layernorm"))
             hs.hooks.append(NormHook(layer.pre_mlp_layernorm, ctx, i, hidden=cfg.hidden_size,
                                      seq_agg=seq_agg, name=f"{i}.pre_mlp_layernorm"))
             hs.hooks.append(BlockImportanceHook(layer, ctx, i))
+        if getattr(model, "arch", None) is not None:
+            hs.hooks.extend(attach_expert_hooks(model, ctx, model.arch, seq_agg=seq_agg))
         final = getattr(model.decoder, "final_layernorm", None)
         if final is not None:
             hs.hooks.append(NormHook(final, ctx, None, hidden=cfg.hidden_size, seq_agg=seq_agg,

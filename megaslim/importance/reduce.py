@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from megaslim.importance.experts import reduce_expert_stats
 from megaslim.importance.hooks import HookSet
 from megaslim.importance.stats import SampleStats
 from megaslim.model.arch import ModelArch
@@ -39,4 +40,4 @@ def reduce_scores(hooks: HookSet, arch: ModelArch, *, batch_agg: str) -> dict[st
         heads, neurons, channels, bi = (ParallelLayout.all_reduce(t, pp_group) for t in (heads, neurons, channels, bi))
     groups = heads.reshape(L, arch.num_query_groups, arch.heads_per_group).sum(-1)
     return {"heads": heads, "query_groups": groups, "neurons": neurons, "channels": channels,
-            "layer_bi": bi}
+            "layer_bi": bi, **reduce_expert_stats(hooks, arch, batch_agg=batch_agg)}

@@ -10,10 +10,11 @@ import torch
 
 from megaslim import io as mio
 from megaslim.errors import MegaslimError
+from megaslim.importance.experts import EXPERT_TENSORS, expert_shapes
 from megaslim.model.arch import ModelArch
 
 TENSORS = ("heads", "query_groups", "neurons", "channels", "layer_bi", "layer_loss", "layer_block_loss",
-           "layer_greedy")
+           "layer_greedy", *EXPERT_TENSORS)
 REQUIRED = TENSORS[:5]  # the optional ones: files written before they existed, or metrics not asked for
 
 
@@ -29,6 +30,13 @@ class ImportanceScores:
     # NaN for sizes not scanned); k = settings["block_drop"]
     layer_block_loss: Optional[torch.Tensor] = None
     layer_greedy: Optional[torch.Tensor] = None  # [layers]: greedy_loss removal step, inf for kept layers
+    # mixtures of experts (megaslim.importance.experts): [layers, experts], expert_neurons [layers, experts, ffn]
+    expert_reap: Optional[torch.Tensor] = None
+    expert_l2: Optional[torch.Tensor] = None
+    expert_frequency: Optional[torch.Tensor] = None
+    expert_weight: Optional[torch.Tensor] = None
+    expert_neurons: Optional[torch.Tensor] = None
+    shared_expert_neurons: Optional[torch.Tensor] = None  # [layers, shared ffn] (Qwen2-MoE's shared expert)
     settings: dict = field(default_factory=dict)
 
     def shapes_ok(self, arch: ModelArch) -> list[str]:
@@ -43,6 +51,8 @@ class ImportanceScores:
         }
         if self.layer_block_loss is not None:
             want["layer_block_loss"] = (self.layer_block_loss.shape[0], arch.num_layers)
+        if arch.is_moe:
+            want.update(expert_shapes(arch))
         bad = []
         for name, shape in want.items():
             t = getattr(self, name)

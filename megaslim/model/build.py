@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megaslim.config import ModelConfig
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch, check_parallel_layout, check_rope_scaling
-from megaslim.model.compat import mark_tensor_parallel_params
+from megaslim.model.compat import define_moe_te_names, mark_tensor_parallel_params
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,8 +48,30 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def moe_config(arch: ModelArch, ep: int = 1) -> dict:
+    """TransformerConfig MoE settings: dropless routing, SequentialMLP experts (no grouped GEMM) and the
+    allgather dispatcher, which run on CPU too (alltoall builds a CUDA stream), in the HF families' order."""
+    if not arch.is_moe:
+        return {}
+    shared = arch.moe_shared_expert_intermediate_size
+    return dict(
+        num_moe_experts=arch.num_moe_experts,
+        moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=shared or None,
+        moe_shared_expert_gate=bool(shared) and arch.moe_shared_expert_gate,
+        moe_router_score_function=arch.moe_router_score_function,
+        moe_router_pre_softmax=arch.moe_router_pre_softmax,
+        moe_router_load_balancing_type="aux_loss" if arch.moe_aux_loss_coeff else "none",
+        moe_aux_loss_coeff=arch.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=ep,
+    )
+
+
 def transformer_config(arch: ModelArch, model_cfg: ModelConfig, *, tp: int, pp: int,
-                       init_weights: bool = True):
+                       init_weights: bool = True, ep: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = _DTYPES[model_cfg.params_dtype]
@@ -89,6 +111,7 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, *, tp: int, pp: 
         apply_rope_fusion=False,
         persist_layer_norm=False,
         init_method_std=0.02,
+        **moe_config(arch, ep),
     )
 
 
@@ -101,7 +124,9 @@ def layer_spec(impl: str, config, arch: ModelArch, core_attention: str = "local"
         if arch.normalization == "LayerNorm1P":
             spec = _local_layer_norm_1p_block(config, arch)
         else:
-            spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_layernorm)
+            spec = gpt_layer_specs.get_gpt_layer_local_spec(
+                num_experts=arch.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm",
+                qk_layernorm=arch.qk_layernorm)
         if core_attention == "sdpa":
             from megaslim.model.sdpa_attention import with_sdpa
 
@@ -117,7 +142,7 @@ def layer_spec(impl: str, config, arch: ModelArch, core_attention: str = "local"
         ) from None
     if impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            qk_layernorm=arch.qk_layernorm
+            num_experts=arch.num_moe_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_layernorm
         )
     from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
 
@@ -141,6 +166,18 @@ def _local_layer_norm_1p_block(config, arch: ModelArch):
                                       layer_norm=LayerNorm1P)
 
 
+def _check_moe_build(arch: ModelArch) -> None:
+    """An MoE model: its experts split over TP like the dense layers (megaslim's layout table assumes it)."""
+    from megatron.core import parallel_state as ps
+
+    if arch.normalization != "RMSNorm":
+        raise MegaslimError(f"mixture-of-experts layers with {arch.normalization} are not supported (RMSNorm only)")
+    etp = ps.get_expert_tensor_parallel_world_size()
+    if etp != ps.get_tensor_model_parallel_world_size():
+        raise MegaslimError(f"expert tensor parallel size {etp} must equal the tensor parallel size")
+    define_moe_te_names()  # the router needs it without Transformer Engine
+
+
 def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = False):
     """This rank's GPTModel shard. With init_weights=False the weights are left for a loader to fill."""
     from megatron.core import parallel_state as ps
@@ -148,8 +185,11 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = F
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    check_parallel_layout(arch, tp, pp)
-    config = transformer_config(arch, model_cfg, tp=tp, pp=pp, init_weights=init_weights)
+    ep = ps.get_expert_model_parallel_world_size()
+    check_parallel_layout(arch, tp, pp, ep)
+    if arch.is_moe:
+        _check_moe_build(arch)
+    config = transformer_config(arch, model_cfg, tp=tp, pp=pp, init_weights=init_weights, ep=ep)
     check_rope_scaling(arch.rope_scaling)  # None, or llama3 with megatron's fixed parameters
     rope_scaling = bool(arch.rope_scaling)
     model = GPTModel(

@@ -67,3 +67,16 @@ def mark_tensor_parallel_params(model) -> None:
         param.tensor_model_parallel = True
         param.partition_dim = 1 if layout is Layout.ROW else 0
         param.partition_stride = 1
+
+
+def define_moe_te_names() -> None:
+    """megatron-core 0.16 (transformer/moe/moe_utils.py) imports `te_general_gemm` (and the fused MoE
+    kernels) only inside `try: import transformer_engine`, yet the router's `router_gating_linear` reads
+    `te_general_gemm` unconditionally: without Transformer Engine (CPU, or a GPU machine without TE) every
+    MoE forward dies with a NameError. Define the names it tests against None (their fallbacks are plain
+    torch), only when the import did not; called when an MoE model is built. Remove once the minimum
+    megatron-core defines them in its fallback branch."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -1,7 +1,9 @@
-"""Hugging Face bridge for Llama-family decoders (llama, mistral, qwen2, qwen3) and Nemotron.
+"""Hugging Face bridge for Llama-family decoders (llama, mistral, qwen2, qwen3), Nemotron, and the
+mixtures of experts Mixtral, Qwen3-MoE and Qwen2-MoE.
 
-The name/layout rules are the table `_LAYER_MAP`; what each family adds (QKV bias, QK layernorm, a
-non-gated squared-ReLU MLP, LayerNorm1P) is the table `_FAMILIES`; TP sharding is in
+The name/layout rules are the table `_LAYER_MAP` (MoE layers: `_MOE_NAMES`, `_moe_layer_names`); what each
+family adds (QKV bias, QK layernorm, a non-gated squared-ReLU MLP, LayerNorm1P, experts) is the table
+`_FAMILIES`; TP sharding is in
 `megaslim.model.layout`. Weights are read with safetensors (or `torch.load(weights_only=True)`), never
 unpickled. Configs with features megaslim would not reproduce are refused by name (`check_hf_config`).
 """
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from megaslim import io as mio
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch, check_rope_scaling
+from megaslim.model.expert_parallel import gather_experts, global_fetch
 from megaslim.model.state import gather_full_state
 
 # HF model_type -> the ModelArch fields it implies (everything else comes from the config's sizes).
@@ -33,8 +36,24 @@ _FAMILIES: dict[str, dict] = {
     # Nemotron(-4)/Minitron: up_proj -> squared ReLU -> down_proj; LayerNorm1P (bias; scale applied as 1 + w)
     "nemotron": dict(qkv_bias=False, qk_layernorm=False, gated=False, activation="relu2",
                      normalization="LayerNorm1P"),
+    # mixtures of experts: every layer's MLP is routed experts (names in `_MOE_NAMES`)
+    "mixtral": _LLAMA_LIKE,
+    "qwen3_moe": dict(_LLAMA_LIKE, qk_layernorm=True),
+    "qwen2_moe": dict(_LLAMA_LIKE, qkv_bias=True),  # plus a shared expert with a sigmoid gate
 }
 SUPPORTED_FAMILIES = tuple(_FAMILIES)
+# MoE family -> (HF module of the MoE block, expert [gate, up] names, expert down name)
+_MOE_NAMES: dict[str, tuple[str, tuple[str, str], str]] = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3"), "w2"),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
+    "qwen2_moe": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
+}
+_SHARED_EXPERT = {  # megatron suffix -> Qwen2-MoE's shared expert names
+    "mlp.shared_experts.linear_fc1.weight": ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"),
+    "mlp.shared_experts.linear_fc2.weight": ("mlp.shared_expert.down_proj.weight",),
+    "mlp.shared_experts.gate_weight": ("mlp.shared_expert_gate.weight",),
+}
+_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
 _ACT = {"silu": "silu", "relu2": "relu2"}  # ModelArch.activation -> HF hidden_act
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 EXPORT_MARKER = "megaslim_export.json"
@@ -80,14 +99,40 @@ def hf_names(name: str, arch: ModelArch) -> tuple[str, ...]:
     if m:
         i, suffix = int(m.group(1)), m.group(2)
         table = _LAYER_MAP if arch.gated else {**_LAYER_MAP, **_NON_GATED}
-        if suffix not in table:
+        names = _moe_layer_names(suffix, arch) if arch.is_moe and suffix.startswith("mlp.") else table.get(suffix)
+        if names is None:
             raise KeyError(f"no HF mapping for megatron parameter {name!r}")
-        return tuple(f"model.layers.{i}.{n}" for n in table[suffix])
+        return tuple(f"model.layers.{i}.{n}" for n in names)
     if name == "output_layer.weight" and arch.tie_word_embeddings:
         return _GLOBAL_MAP["embedding.word_embeddings.weight"]  # last PP stage's tied copy
     if name not in _GLOBAL_MAP:
         raise KeyError(f"no HF mapping for megatron parameter {name!r}")
     return _GLOBAL_MAP[name]
+
+
+def _moe_layer_names(suffix: str, arch: ModelArch) -> Optional[tuple[str, ...]]:
+    """HF names (within a layer) of an MoE layer's megatron parameter `suffix` (global expert number)."""
+    block, gate_up, down = _MOE_NAMES[arch.family]
+    if suffix == "mlp.router.weight":
+        return (f"{block}.gate.weight",)
+    m = _EXPERT_RE.match(suffix)
+    if m:
+        e = m.group(1)
+        parts = gate_up if m.group(2) == "1" else (down,)
+        return tuple(f"{block}.experts.{e}.{n}.weight" for n in parts)
+    return _SHARED_EXPERT.get(suffix)
+
+
+def moe_hf_shapes(arch: ModelArch) -> dict[str, list[int]]:
+    """Shapes config.json implies for an MoE layer's HF tensors (expert number written N); {} if dense."""
+    if not arch.is_moe:
+        return {}
+    (block, (gate, up), down), h, f = _MOE_NAMES[arch.family], arch.hidden_size, arch.moe_ffn_hidden_size
+    out = {f"{block}.gate.weight": [arch.num_moe_experts, h], f"{block}.experts.N.{down}.weight": [h, f],
+           f"{block}.experts.N.{gate}.weight": [f, h], f"{block}.experts.N.{up}.weight": [f, h]}
+    if arch.moe_shared_expert_intermediate_size:
+        out["mlp.shared_expert.down_proj.weight"] = [h, arch.moe_shared_expert_intermediate_size]
+    return out
 
 
 def _is_qkv(name: str) -> bool:
@@ -177,9 +222,12 @@ def check_hf_config(cfg: dict) -> None:
     """Refuse, naming the feature, any HF config megaslim would not convert faithfully."""
     family = cfg.get("model_type")
     moe = {k: cfg[k] for k in _MOE_KEYS if cfg.get(k)}
-    if moe:
+    if moe and family not in _MOE_NAMES:
         raise MegaslimError(
-            f"mixture-of-experts models are not supported ({family}: {moe}); megaslim converts dense decoders")
+            f"mixture-of-experts models are not supported for {family} ({moe}); megaslim converts dense "
+            f"decoders and the mixtures of experts {', '.join(_MOE_NAMES)}")
+    if family in _MOE_NAMES:
+        check_moe_routing(cfg)
     if family not in _FAMILIES:
         raise MegaslimError(
             f"unsupported architecture model_type={family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
@@ -206,6 +254,56 @@ def check_hf_config(cfg: dict) -> None:
             f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported for {family}")
     if cfg.get("rope_interleave") or cfg.get("rotary_interleaved"):
         raise MegaslimError("interleaved rotary embeddings are not supported")
+
+
+# HF config keys of routing megatron's router would not reproduce here -> (value(s) that are harmless, what it is)
+_ROUTING_REFUSED = {
+    "n_group": ((None, 0, 1), "grouped top-k routing (experts chosen within the best groups)"),
+    "topk_group": ((None, 0, 1), "grouped top-k routing"),
+    "topk_method": ((None, "greedy"), "a top-k method other than greedy"),
+    "scoring_func": ((None, "softmax"), "a router score function other than softmax"),
+    "routed_scaling_factor": ((None, 1, 1.0), "scaled routing weights"),
+    "router_jitter_noise": ((None, 0, 0.0), "router jitter noise (HF jitters the experts' input too)"),
+    "decoder_sparse_step": ((None, 1), "dense layers between MoE layers"),
+    "mlp_only_layers": ((None, []), "dense (MLP-only) layers among MoE layers"),
+    "first_k_dense_replace": ((None, 0), "dense first layers"),
+    "n_shared_experts": ((None, 0), "shared experts of this kind"),
+    "num_shared_experts": ((None, 0), "shared experts of this kind"),
+}
+
+
+def check_moe_routing(cfg: dict) -> None:
+    """Refuse, by name, MoE settings megaslim's megatron router and layers would not reproduce."""
+    family = cfg.get("model_type")
+    for key, (harmless, what) in _ROUTING_REFUSED.items():
+        if key in cfg and cfg[key] not in harmless:
+            raise MegaslimError(f"{family} with {key}={cfg[key]!r} ({what}) is not supported")
+    experts, topk = cfg.get("num_local_experts") or cfg.get("num_experts"), cfg.get("num_experts_per_tok")
+    if not experts or not topk or not 1 <= topk <= experts:
+        raise MegaslimError(f"{family}: num_experts_per_tok={topk} must be between 1 and the {experts} experts")
+    if family == "qwen2_moe" and not cfg.get("shared_expert_intermediate_size"):
+        raise MegaslimError("qwen2_moe without a shared expert (shared_expert_intermediate_size=0) is not supported")
+    if family == "qwen2_moe" and not cfg.get("qkv_bias", True):
+        raise MegaslimError("qwen2_moe with qkv_bias=false is not supported")
+
+
+def _moe_fields(cfg: dict) -> dict:
+    """The ModelArch MoE fields of a checked MoE config (empty for a dense family)."""
+    family = cfg["model_type"]
+    if family not in _MOE_NAMES:
+        return {}
+    mixtral = family == "mixtral"  # Mixtral always renormalises the top-k weights; Qwen: norm_topk_prob
+    fields = dict(
+        num_moe_experts=cfg.get("num_local_experts") or cfg["num_experts"],
+        moe_router_topk=cfg["num_experts_per_tok"],
+        moe_ffn_hidden_size=cfg["intermediate_size"] if mixtral else cfg["moe_intermediate_size"],
+        moe_router_pre_softmax=not mixtral and not cfg.get("norm_topk_prob", False),
+        moe_aux_loss_coeff=float(cfg.get("router_aux_loss_coef") or 0.0),
+    )
+    if family == "qwen2_moe":
+        fields.update(moe_shared_expert_intermediate_size=cfg["shared_expert_intermediate_size"],
+                      moe_shared_expert_gate=True)
+    return fields
 
 
 def arch_from_hf_config(cfg: dict) -> ModelArch:
@@ -239,6 +337,7 @@ def _arch_from_checked(cfg: dict) -> ModelArch:
         rope_scaling=scaling,
         rotary_percent=partial,
         **_FAMILIES[family],
+        **_moe_fields(cfg),
     )
 
 
@@ -311,7 +410,7 @@ def hf_fetcher(reader: HFReader, arch: ModelArch) -> Callable[[str], torch.Tenso
             raise MegaslimError(f"{reader.path}: weights {missing} not found (needed for {name})")
         return _combine(name, [reader.get(n).float() for n in names], arch)
 
-    return fetch
+    return global_fetch(fetch, arch.num_moe_experts)  # load_full_state asks by local expert number
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,9 +424,42 @@ def _check_exportable(arch: ModelArch) -> None:
     off = {k: getattr(arch, k) for k, v in _FAMILIES[arch.family].items() if getattr(arch, k) != v}
     if arch.rotary_percent != 1.0 and arch.family != "nemotron":
         off["rotary_percent"] = arch.rotary_percent
+    off.update(_moe_export_problems(arch))
     if off:
         raise MegaslimError(f"cannot export as HF {arch.family}: {off} differs from what {arch.family} models have")
     check_rope_scaling(arch.rope_scaling)
+
+
+def _moe_export_problems(arch: ModelArch) -> dict:
+    """MoE settings the arch's HF family cannot express (a dense family has no experts)."""
+    moe_family = arch.family in _MOE_NAMES
+    if arch.is_moe != moe_family:
+        return {"num_moe_experts": arch.num_moe_experts}
+    if not moe_family:
+        return {}
+    want = dict(moe_router_score_function="softmax")
+    if arch.family == "mixtral":
+        want.update(moe_router_pre_softmax=False)
+    if arch.family == "qwen2_moe":
+        want.update(moe_shared_expert_gate=True)
+        if not arch.moe_shared_expert_intermediate_size:
+            return {"moe_shared_expert_intermediate_size": arch.moe_shared_expert_intermediate_size}
+    else:
+        want.update(moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False)
+    return {k: getattr(arch, k) for k, v in want.items() if getattr(arch, k) != v}
+
+
+def _moe_hf_kwargs(arch: ModelArch) -> dict:
+    """The HF config entries of an MoE arch (its family already checked exportable)."""
+    kwargs = dict(num_experts_per_tok=arch.moe_router_topk, router_aux_loss_coef=arch.moe_aux_loss_coeff)
+    if arch.family == "mixtral":  # Mixtral's intermediate_size is the experts' width
+        return dict(kwargs, num_local_experts=arch.num_moe_experts, intermediate_size=arch.moe_ffn_hidden_size,
+                    sliding_window=None, router_jitter_noise=0.0)
+    kwargs.update(num_experts=arch.num_moe_experts, moe_intermediate_size=arch.moe_ffn_hidden_size,
+                  norm_topk_prob=not arch.moe_router_pre_softmax, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch.family == "qwen2_moe":
+        kwargs.update(shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size, qkv_bias=True)
+    return kwargs
 
 
 def hf_config_dict(arch: ModelArch, dtype: str = "float32") -> dict:
@@ -358,6 +490,8 @@ def hf_config_dict(arch: ModelArch, dtype: str = "float32") -> dict:
         kwargs["sliding_window"] = None  # converted models attend over the whole context
     if arch.rope_scaling:
         kwargs["rope_scaling"] = dict(arch.rope_scaling, rope_theta=arch.rotary_base)
+    if arch.is_moe:
+        kwargs.update(_moe_hf_kwargs(arch))
     cfg = AutoConfig.for_model(arch.family, **kwargs)
     cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
     return cfg.to_dict()
@@ -405,7 +539,7 @@ def export_hf(model, arch: ModelArch, out_dir: str | Path, *, tokenizer_dir: str
     dist.barrier()
 
     pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    state = gather_full_state(model, arch.vocab_size)  # collective over TP
+    state = gather_experts(gather_full_state(model, arch.vocab_size), arch.num_moe_experts)  # over TP, then EP
     fname = f"model-{stage + 1:05d}-of-{pp:05d}.safetensors"
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     keys: list[str] = []

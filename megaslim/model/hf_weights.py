@@ -9,6 +9,7 @@ from pathlib import Path
 
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch
+from megaslim.model.hf import moe_hf_shapes
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
@@ -58,7 +59,7 @@ def _expected(arch: ModelArch) -> dict[str, list[int]]:
             "self_attn.q_proj.weight": [arch.num_attention_heads * kv, h],
             "self_attn.k_proj.weight": [arch.num_query_groups * kv, h],
             "self_attn.o_proj.weight": [h, arch.num_attention_heads * kv],
-            "mlp.down_proj.weight": [h, arch.ffn_hidden_size]}
+            "mlp.down_proj.weight": [h, arch.ffn_hidden_size], **moe_hf_shapes(arch)}
 
 
 def check_hf_weights(path: Path, arch: ModelArch) -> None:
@@ -71,13 +72,16 @@ def check_hf_weights(path: Path, arch: ModelArch) -> None:
         return  # pytorch_model.bin (read with weights_only=True when loaded), or no weights: said then
     expected, wrong = _expected(arch), []
     for name, shape in shapes.items():
-        short = re.sub(r"^model\.layers\.\d+\.", "", name)
+        short = re.sub(r"\.experts\.\d+\.", ".experts.N.", re.sub(r"^model\.layers\.\d+\.", "", name))
         want = expected.get(name if name.startswith("model.embed") else short)
         if want is not None and shape != want:
             wrong.append(f"{name} {shape} (config.json implies {want})")
     layers = {int(m.group(1)) for k in shapes if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     if layers and max(layers) + 1 != arch.num_layers:
         wrong.append(f"{max(layers) + 1} layers in the weights, num_hidden_layers={arch.num_layers} in config.json")
+    experts = {int(m.group(1)) for k in shapes if (m := re.search(r"\.experts\.(\d+)\.", k))}
+    if arch.is_moe and experts and max(experts) + 1 != arch.num_moe_experts:
+        wrong.append(f"{max(experts) + 1} experts in the weights, {arch.num_moe_experts} in config.json")
     if wrong:
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         raise MegaslimError(f"{path}: config.json disagrees with the weights: {'; '.join(wrong[:3])}{more}")

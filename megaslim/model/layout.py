@@ -27,6 +27,11 @@ _RULES: list[tuple[str, Layout]] = [
     (r"self_attention\.linear_proj\.weight$", Layout.ROW),
     (r"mlp\.linear_fc1\.weight$", Layout.GATED),  # COLUMN when the MLP is not gated (see layout_of)
     (r"mlp\.linear_fc2\.weight$", Layout.ROW),
+    # MoE: each routed expert (split over TP like a dense MLP; whole experts over EP ranks, see
+    # megaslim.model.experts) and the shared expert; the router and the shared expert's gate are replicated
+    (r"mlp\.(experts\.local_experts\.\d+|shared_experts)\.linear_fc1\.weight$", Layout.GATED),
+    (r"mlp\.(experts\.local_experts\.\d+|shared_experts)\.linear_fc2\.weight$", Layout.ROW),
+    (r"mlp\.router\.(weight|expert_bias)$|mlp\.shared_experts\.gate_weight$", Layout.REPLICATED),
     # norms (RMSNorm weight; LayerNorm weight and bias), incl. TE's fused layer_norm_weight/_bias
     (r"(layernorm|layer_norm)[_.]?(weight|bias)$|norm\.(weight|bias)$", Layout.REPLICATED),
 ]

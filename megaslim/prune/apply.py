@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from megaslim.config import ModelConfig
 from megaslim.model.arch import ModelArch
 from megaslim.model.build import build_gpt
+from megaslim.model.expert_parallel import gather_experts, global_fetch
 from megaslim.model.state import gather_full_state, load_full_state
 from megaslim.prune.plan import PrunePlan
 from megaslim.prune.slicing import prune_state
@@ -36,7 +37,8 @@ def write_pruned_stage(model, plan: PrunePlan | list[PrunePlan], scratch: Path) 
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
     dist.barrier()
-    full = gather_full_state(model, _first(plan).source_arch.vocab_size)
+    src = _first(plan).source_arch
+    full = gather_experts(gather_full_state(model, src.vocab_size), src.num_moe_experts)  # over TP, then EP
     if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         pruned = prune_state(full, plan)
         save_file(pruned, str(scratch / f"stage-{ps.get_pipeline_model_parallel_rank():04d}.safetensors"))
@@ -61,11 +63,13 @@ def reinit_parallel(tp: int, pp: int, seed: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    check_layout(dist.get_world_size(), tp, pp)
+    ep = ps.get_expert_model_parallel_world_size()  # expert parallelism is kept across the switch
+    check_layout(dist.get_world_size(), tp, pp, ep)
     if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp):
         return
     ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
@@ -73,7 +77,7 @@ def build_pruned(plan: PrunePlan, scratch: Path, model_cfg: ModelConfig):
     """The pruned model at the current layout, filled from the scratch files."""
     arch: ModelArch = plan.target_arch
     model = build_gpt(arch, model_cfg, init_weights=False)
-    load_full_state(model, ScratchReader(scratch))
+    load_full_state(model, global_fetch(ScratchReader(scratch), arch.num_moe_experts))
     model.eval()
     return model
 
@@ -85,9 +89,12 @@ def prune_in_memory(model, plan: PrunePlan | list[PrunePlan], model_cfg: ModelCo
 
     if ps.get_pipeline_model_parallel_world_size() != 1:
         raise ValueError("prune_in_memory needs PP=1; use write_pruned_stage + build_pruned")
-    pruned = prune_state(gather_full_state(model, _first(plan).source_arch.vocab_size), plan)
+    src = _first(plan).source_arch
+    pruned = prune_state(gather_experts(gather_full_state(model, src.vocab_size), src.num_moe_experts), plan)
     last = plan[-1] if isinstance(plan, (list, tuple)) else plan
     new = build_gpt(last.target_arch, model_cfg, init_weights=False)
-    load_full_state(new, lambda n: pruned[n] if n in pruned else pruned["embedding.word_embeddings.weight"])
+    tied = "embedding.word_embeddings.weight"
+    load_full_state(new, global_fetch(lambda n: pruned[n] if n in pruned else pruned[tied],
+                                      last.target_arch.num_moe_experts))
     new.eval()
     return new

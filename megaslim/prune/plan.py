@@ -18,6 +18,7 @@ from megaslim.importance.scores import ImportanceScores
 from megaslim.io import atomic_write_text
 from megaslim.model.arch import ModelArch
 from megaslim.prune.depth import JOINT, block_loss_keep, check_depth_request, greedy_keep
+from megaslim.prune.experts import choose_experts, moe_target
 
 FOLD_MODES = tuple(FoldMode.values())
 DEFAULT_FOLD_MODE = FoldMode.proj_sum.value  # as the config's prune.fold_mode (measured best, docs/pruning.md)
@@ -37,6 +38,11 @@ class PrunePlan:
     fold_heads: dict[int, dict[int, list[int]]] = field(default_factory=dict)
     # proj_sum: W_k += sum_p W_p on proj columns | laco: W_k += sum_p (W_p - W_k) on q rows and proj columns
     fold_mode: str = DEFAULT_FOLD_MODE
+    # Mixtures of experts (megaslim.prune.experts): source layer -> kept routed experts, ascending; source
+    # layer -> {kept source expert: its kept neurons}. Empty: a dense model (or a plan written before MoE).
+    keep_experts: dict[int, list[int]] = field(default_factory=dict)
+    keep_expert_neurons: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    keep_shared_neurons: dict[int, list[int]] = field(default_factory=dict)  # source layer -> kept; empty: all
 
     @property
     def source_arch(self) -> ModelArch:
@@ -57,6 +63,10 @@ class PrunePlan:
         d["fold_heads"] = {int(layer): {int(k): v for k, v in m.items()}
                            for layer, m in d.get("fold_heads", {}).items()}
         d.setdefault("fold_mode", "laco")  # plans written before the key existed folded the laco way
+        for k in ("keep_experts", "keep_shared_neurons"):
+            d[k] = {int(layer): v for layer, v in d.get(k, {}).items()}
+        d["keep_expert_neurons"] = {int(layer): {int(e): v for e, v in m.items()}
+                                    for layer, m in d.get("keep_expert_neurons", {}).items()}
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
@@ -123,7 +133,7 @@ def target_shape(arch: ModelArch, export_config, *, tp: int, hf_export: bool) ->
             f"transformers refuses hidden_size={want['hidden_size']} with num_attention_heads={heads} "
             f"(hidden must be a multiple of heads) and export.hf_dir is set; nearest valid hidden sizes: "
             f"{_nearest(want['hidden_size'], heads, arch.hidden_size)}")
-    return replace(arch, **want)
+    return replace(arch, **{**want, **moe_target(arch, export_config, tp=tp)})
 
 
 def _nearest(value: int, multiple: int, upper: int) -> list[int]:
@@ -180,7 +190,7 @@ def fold_assignment(head_scores: torch.Tensor, groups: list[int], heads: list[in
 
 def build_plan(arch: ModelArch, target: ModelArch, scores: Optional[ImportanceScores], *,
                drop_layers: list[int] = (), layer_metric: str = "bi", contiguous: bool = False,
-               fold_heads: bool | str = False, layer_blocks: int = 1) -> PrunePlan:
+               fold_heads: bool | str = False, layer_blocks: int = 1, expert_metric: str = "reap") -> PrunePlan:
     """fold_heads: False (no folding), a mode of FOLD_MODES, or True (= "laco", what a bare True meant
     before proj_sum existed); see slicing.fold_tensor. layer_blocks: block_loss's most blocks."""
     fold_mode = "laco" if fold_heads is True else str(fold_heads or DEFAULT_FOLD_MODE)  # a FoldMode: its value
@@ -210,9 +220,11 @@ def build_plan(arch: ModelArch, target: ModelArch, scores: Optional[ImportanceSc
         keep_neurons[layer] = _topk_sorted(scores.neurons[layer], target.ffn_hidden_size)
     channels = (list(range(arch.hidden_size)) if scores is None
                 else _topk_sorted(scores.channels, target.hidden_size))
+    experts, expert_neurons, shared = choose_experts(scores, arch, target, keep_layers, metric=str(expert_metric))
     return PrunePlan(source=arch.to_dict(), target=target.to_dict(), keep_layers=keep_layers,
                      keep_channels=channels, keep_groups=keep_groups, keep_heads=keep_heads,
-                     keep_neurons=keep_neurons, fold_heads=folds, fold_mode=fold_mode)
+                     keep_neurons=keep_neurons, fold_heads=folds, fold_mode=fold_mode,
+                     keep_experts=experts, keep_expert_neurons=expert_neurons, keep_shared_neurons=shared)
 
 
 def flops_per_token(arch: ModelArch, seq_length: int) -> int:

@@ -143,7 +143,7 @@ def rank(cfg, model, arch: ModelArch, shapes: list[ModelArch], scores, eval_rows
     for i, shape in enumerate(tqdm(shapes, desc="search", disable=not report.is_rank0(), dynamic_ncols=True)):
         t0 = time.time()
         plan = build_plan(arch, shape, scores, layer_metric=p.layer_metric, contiguous=p.drop_contiguous,
-                          fold_heads=p.fold_heads and p.fold_mode)
+                          fold_heads=p.fold_heads and p.fold_mode, expert_metric=p.expert_metric)
         student = student_from_plan(model, plan, cfg.model)
         pruned = evaluate_rows(student, eval_rows, vocab_size=arch.vocab_size,
                                micro_batch_size=cfg.data.micro_batch_size)["loss"]

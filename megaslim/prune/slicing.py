@@ -9,6 +9,7 @@ import re
 import torch
 
 from megaslim.model.arch import ModelArch
+from megaslim.prune.experts import expert_suffix, slice_moe_tensor
 from megaslim.prune.plan import PrunePlan
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -99,6 +100,9 @@ def slice_tensor(suffix: str, t: torch.Tensor, layer: int | None, plan: PrunePla
     t = fold_tensor(suffix, t, layer, plan, arch)
     if suffix in _HIDDEN_NORMS:  # norm weights and (LayerNorm) biases carry the hidden channels
         return t[ch]
+    moe = slice_moe_tensor(suffix, t, layer, plan, arch, ch) if arch.is_moe else None
+    if moe is not None:
+        return moe
     if suffix == "self_attention.linear_qkv.weight":
         return t[_qkv_rows(arch, groups, heads)][:, ch]
     if suffix == "self_attention.linear_qkv.bias":
@@ -135,7 +139,8 @@ def prune_state(state: dict[str, torch.Tensor], plan: PrunePlan | list[PrunePlan
             out[name] = slice_tensor(name, t, None, plan, arch).contiguous()
             continue
         layer, suffix = int(m.group(1)), m.group(2)
-        if layer not in new_index:
+        new_suffix = expert_suffix(suffix, layer, plan)  # MoE: kept experts renumbered, dropped ones left out
+        if layer not in new_index or new_suffix is None:
             continue
-        out[f"decoder.layers.{new_index[layer]}.{suffix}"] = slice_tensor(suffix, t, layer, plan, arch).contiguous()
+        out[f"decoder.layers.{new_index[layer]}.{new_suffix}"] = slice_tensor(suffix, t, layer, plan, arch).contiguous()
     return out

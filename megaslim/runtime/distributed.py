@@ -32,6 +32,7 @@ class Runtime:
     dp: int
     device: torch.device
     backend: str
+    ep: int = 1
 
     @property
     def is_rank0(self) -> bool:
@@ -44,7 +45,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_runtime(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> Runtime:
+def init_runtime(*, tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234, timeout_s: int = 1800) -> Runtime:
     """Initialise torch.distributed and megatron's parallel state; works with or without torchrun."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -57,7 +58,7 @@ def init_runtime(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int =
     if "MASTER_PORT" not in os.environ and not standalone:
         os.environ["MASTER_PORT"] = str(_free_port())
     local_rank = int(os.environ["LOCAL_RANK"])
-    dp = check_layout(world, tp, pp)
+    dp = check_layout(world, tp, pp, ep)
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -80,13 +81,13 @@ def init_runtime(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int =
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
         )
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return Runtime(rank, world, local_rank, tp, pp, dp, device, backend)
+    return Runtime(rank, world, local_rank, tp, pp, dp, device, backend, ep)
 
 
 def destroy() -> None:

@@ -1,4 +1,4 @@
-"""The parallel layout (TP, PP, DP and the prune targets): the one place that knows how ranks split
+"""The parallel layout (TP, PP, DP, EP and the prune targets): the one place that knows how ranks split
 the work. Built from the config and the launcher's world size before any process group exists, so a
 layout error is the first thing a user sees; its collective helpers work once groups are up."""
 from __future__ import annotations
@@ -18,16 +18,22 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_layout(world_size: int, tp: int, pp: int) -> int:
-    """Data-parallel size, or a clear error if the world does not factor as tp * pp * dp."""
-    if tp < 1 or pp < 1:
-        raise MegaslimError(f"tensor/pipeline parallel sizes must be >= 1 (got TP={tp}, PP={pp})")
+def check_layout(world_size: int, tp: int, pp: int, ep: int = 1) -> int:
+    """Data-parallel size, or a clear error if the world does not factor as tp * pp * dp with the
+    expert-parallel size `ep` dividing dp (megatron carves EP groups out of the data-parallel ranks)."""
+    if tp < 1 or pp < 1 or ep < 1:
+        raise MegaslimError(f"tensor/pipeline/expert parallel sizes must be >= 1 (got TP={tp}, PP={pp}, EP={ep})")
     if world_size % (tp * pp):
         raise MegaslimError(
             f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}; "
             f"launch with --nproc-per-node a multiple of {tp * pp}"
         )
-    return world_size // (tp * pp)
+    dp = world_size // (tp * pp)
+    if dp % ep:
+        raise MegaslimError(
+            f"expert parallel size EP={ep} does not divide the data-parallel size {dp} (world {world_size} / "
+            f"(TP*PP = {tp}*{pp})); launch with --nproc-per-node a multiple of {tp * pp * ep}")
+    return dp
 
 
 def device() -> torch.device:
@@ -43,19 +49,21 @@ class ParallelLayout:
     dp: int = 1
     target_tp: Optional[int] = None  # the pruned checkpoint's layout (prune.target_*; None = same)
     target_pp: Optional[int] = None
+    ep: int = 1  # expert parallel: whole experts split over ep of the dp ranks (1 for dense models)
 
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, *, world_size: Optional[int] = None,
-              target_tp: Optional[int] = None, target_pp: Optional[int] = None) -> "ParallelLayout":
+              target_tp: Optional[int] = None, target_pp: Optional[int] = None, ep: int = 1) -> "ParallelLayout":
         world = launcher_world_size() if world_size is None else world_size
-        return cls(world, tp, pp, check_layout(world, tp, pp), target_tp, target_pp)
+        return cls(world, tp, pp, check_layout(world, tp, pp, ep), target_tp, target_pp, ep)
 
     @classmethod
     def from_config(cls, cfg, *, world_size: Optional[int] = None) -> "ParallelLayout":
         par = cfg.parallel
         return cls.build(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                          world_size=world_size, target_tp=cfg.prune.target_tensor_model_parallel_size,
-                         target_pp=cfg.prune.target_pipeline_model_parallel_size)
+                         target_pp=cfg.prune.target_pipeline_model_parallel_size,
+                         ep=getattr(par, "expert_model_parallel_size", 1))
 
     @classmethod
     def from_groups(cls) -> "ParallelLayout":
@@ -66,7 +74,8 @@ class ParallelLayout:
         if not ps.model_parallel_is_initialized():
             return cls()
         return cls(dist.get_world_size(), ps.get_tensor_model_parallel_world_size(),
-                   ps.get_pipeline_model_parallel_world_size(), ps.get_data_parallel_world_size())
+                   ps.get_pipeline_model_parallel_world_size(), ps.get_data_parallel_world_size(),
+                   ep=ps.get_expert_model_parallel_world_size())
 
     @property
     def target_dp(self) -> int:

@@ -1,0 +1,48 @@
+"""Worker: load a mixture of experts (HF dir or megaslim checkpoint) at TP/PP/EP, run the pipeline forward on
+given tokens, save the full logits; optionally export it back to HF and save it as a torch_dist checkpoint.
+
+usage: moe_forward_logits.py SOURCE TP PP EP TOKENS_PT OUT_PT [EXPORT_DIR|-] [--save CKPT_ROOT]
+"""
+import sys
+
+import torch
+
+from megaslim.config import ModelConfig
+from megaslim.model.forward import run_forward
+from megaslim.runtime import init_runtime, main_guard
+from megaslim.sources import load_model
+
+
+def main():
+    src, tp, pp, ep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    tokens_pt, out_pt = sys.argv[5], sys.argv[6]
+    export_dir = sys.argv[7] if len(sys.argv) > 7 and sys.argv[7] != "-" else None
+    save_root = sys.argv[sys.argv.index("--save") + 1] if "--save" in sys.argv else None
+    init_runtime(tp=tp, pp=pp, ep=ep)
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    model, arch, source = load_model(ModelConfig(load=src))
+    local = model.decoder.layers[0].mlp.experts.local_experts
+    assert len(local) == arch.num_moe_experts // ep, len(local)  # whole experts split over EP ranks
+    tokens = torch.load(tokens_pt)
+    b, s = tokens.shape
+    batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(b, s),
+             "position_ids": torch.arange(s).unsqueeze(0).expand(b, -1).contiguous()}
+    outs = run_forward(model, [batch], lambda _b, logits: {
+        "logits": gather_from_tensor_model_parallel_region(logits)[..., :arch.vocab_size]},
+        seq_length=s, micro_batch_size=b)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        torch.save(outs[0]["logits"], out_pt)
+    if export_dir:
+        from megaslim.model.hf import export_hf
+
+        export_hf(model, arch, export_dir, tokenizer_dir=source.tokenizer_dir, source=src)
+    if save_root:
+        from megaslim.checkpoint import save_checkpoint
+
+        save_checkpoint(model, arch, save_root, 1, tokenizer_dir=source.tokenizer_dir)
+
+
+if __name__ == "__main__":
+    main_guard(main)
