@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec .venv/bin/python -m pytest -q -ra "$@"
+# --durations: the slowest tests in every CI log, to keep the suite inside its time budget
+exec .venv/bin/python -m pytest -q -ra --durations=30 "$@"

@@ -1,4 +1,6 @@
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,13 +47,58 @@ def tiny_llama_tok(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pruned(tiny_llama_tok, tmp_path_factory):
     """launch/prune.py once on tiny_llama_tok: hidden 64 -> 48, ffn 128 -> 96, 4 -> 2 layers. The folder
-    holds prune_plan.json and the pruned student checkpoint (shared by the distillation tests)."""
-    from dist_utils import ROOT, torchrun
-
+    holds prune_plan.json and the pruned student checkpoint (shared by the distillation tests). One plain
+    process (world 1), so no torchrun agent is paid for a fixture."""
     text = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
     out = tmp_path_factory.mktemp("plan")
-    torchrun(ROOT / "launch" / "prune.py", f"model.load={tiny_llama_tok}", f"output_dir={out}",
-             f"data.calib_path={text}", f"data.eval_path={text}", "data.seq_length=32",
-             "importance.num_samples=8", "eval.num_samples=2", "prune.export_config.hidden_size=48",
-             "prune.export_config.ffn_hidden_size=96", "prune.export_config.num_layers=2", nproc=1)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "prune.py"), f"model.load={tiny_llama_tok}", f"output_dir={out}",
+         f"data.calib_path={text}", f"data.eval_path={text}", "data.seq_length=32", "importance.num_samples=8",
+         "eval.num_samples=2", "prune.export_config.hidden_size=48", "prune.export_config.ffn_hidden_size=96",
+         "prune.export_config.num_layers=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-8000:]
     return out
+
+
+class LaunchServer:
+    """One warm interpreter (tests/workers/launch_many.py --serve) that runs `python launch/X.py ARGS` cases
+    each in a forked child, as the launcher's __main__: its own exit code, stdout and stderr. It saves the
+    torch/transformers import of every single-process launcher run that checks only the process's output."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "workers" / "launch_many.py"), "--serve"],
+                                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def many(self, cases, jobs=1, timeout=900):
+        """cases: [(launcher path, [args...], cwd or None), ...] -> [subprocess.CompletedProcess, ...]."""
+        todo = [[str(script), [str(a) for a in args], str(cwd or ROOT)] for script, args, cwd in cases]
+        self.proc.stdin.write(json.dumps({"cases": todo, "jobs": jobs, "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the launch server died (exit {self.proc.poll()})"
+        done = []
+        for (script, args, _), r in zip(todo, json.loads(line)):
+            if r["timed_out"]:
+                raise subprocess.TimeoutExpired([script, *args], timeout, r["stdout"], r["stderr"])
+            done.append(subprocess.CompletedProcess([script, *args], r["returncode"], r["stdout"], r["stderr"]))
+        return done
+
+    def __call__(self, script, *args, cwd=None, timeout=300):
+        """`python script args` (script: a path, or a name under launch/) -> subprocess.CompletedProcess."""
+        script = Path(script)
+        if not script.is_absolute():
+            script = ROOT / "launch" / script
+        return self.many([(script, args, cwd)], timeout=timeout)[0]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.kill()  # idle between requests: nothing of its own to finish
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """launch("evaluate.py", *overrides) -> CompletedProcess, from the session's warm LaunchServer."""
+    server = LaunchServer()
+    yield server
+    server.close()

@@ -137,17 +137,16 @@ def _args(case, model, bad, out):
 
 
 @pytest.fixture(scope="module")
-def outcomes(tiny_llama_tok, bad, tmp_path_factory):
-    """Every case's (output_dir, result), all run by one interpreter (tests/workers/launch_many.py forks
-    a child per case that runs the launcher as `python launch/X.py` would)."""
+def outcomes(launch, tiny_llama_tok, bad, tmp_path_factory):
+    """Every case's (output_dir, result), all run by the session's warm interpreter (conftest.LaunchServer:
+    tests/workers/launch_many.py forks a child per case that runs the launcher as `python launch/X.py`
+    would), two cases at a time (each has its own output_dir)."""
     root = tmp_path_factory.mktemp("cases")
     outs = {c[0]: root / c[0] / "out" for c in CASES}
-    todo = [[str(ROOT / "launch" / f"{c[1]}.py"), _args(c, tiny_llama_tok, bad, outs[c[0]])] for c in CASES]
-    (root / "cases.json").write_text(json.dumps(todo))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "launch_many.py"), str(root / "cases.json"),
-                    str(root / "results.json")], cwd=ROOT, check=True, timeout=900)
-    results = json.loads((root / "results.json").read_text())
-    return {c[0]: (outs[c[0]], r) for c, r in zip(CASES, results)}
+    todo = [(ROOT / "launch" / f"{c[1]}.py", _args(c, tiny_llama_tok, bad, outs[c[0]]), None) for c in CASES]
+    results = launch.many(todo, jobs=2, timeout=600)
+    return {c[0]: (outs[c[0]], {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr})
+            for c, r in zip(CASES, results)}
 
 
 def _assert_refused(proc: dict, out, needle: str) -> None:
@@ -174,23 +173,20 @@ def test_a_real_process_refuses_alike(tiny_llama_tok, bad, tmp_path):
     _assert_refused({"returncode": p.returncode, "stdout": p.stdout, "stderr": p.stderr}, out, case[3])
 
 
-def test_check_says_ok_and_writes_nothing(tiny_llama_tok, tmp_path):
+def test_check_says_ok_and_writes_nothing(launch, tiny_llama_tok, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"), "--check",
-                           *_base(tiny_llama_tok, out), f"distill.student.load={tiny_llama_tok}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    proc = launch("distill.py", "--check", *_base(tiny_llama_tok, out), f"distill.student.load={tiny_llama_tok}",
+                  timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok: distill:") and "error" not in proc.stderr
     assert not out.exists()
 
 
-def test_preprocess_check(tiny_llama_tok, bad, tmp_path):
-    base = [sys.executable, str(ROOT / "launch" / "preprocess_data.py"), f"model.load={tiny_llama_tok}", "--check"]
-    ok = subprocess.run([*base, "--input", str(TEXT), "--output-prefix", str(tmp_path / "p")], cwd=ROOT,
-                        capture_output=True, text=True, timeout=180)
+def test_preprocess_check(launch, tiny_llama_tok, bad, tmp_path):
+    base = ["preprocess_data.py", f"model.load={tiny_llama_tok}", "--check"]
+    ok = launch(*base, "--input", TEXT, "--output-prefix", tmp_path / "p", timeout=180)
     assert ok.returncode == 0 and ok.stdout.startswith("ok: preprocess_data"), ok.stderr[-3000:]
     assert not list(tmp_path.iterdir())
-    no = subprocess.run([*base, "--input", str(bad["dir"]), "--output-prefix", str(bad["afile"] / "p")], cwd=ROOT,
-                        capture_output=True, text=True, timeout=180)
+    no = launch(*base, "--input", bad["dir"], "--output-prefix", bad["afile"] / "p", timeout=180)
     assert no.returncode == 2 and "Traceback" not in no.stderr
     assert len([line for line in no.stderr.splitlines() if line.startswith("error:")]) == 1

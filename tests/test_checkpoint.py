@@ -76,6 +76,7 @@ def _assert_same_as_reference(ckpt, reference, iteration=None):
     return meta
 
 
+@pytest.mark.dist  # multi-rank save (or torchrun)
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_saved_at_tp2_or_pp2_reloads_at_tp1_exactly(saved, reference, layout):
     root = saved[layout]
@@ -89,6 +90,7 @@ def test_saved_at_tp2_or_pp2_reloads_at_tp1_exactly(saved, reference, layout):
             meta["saved_with"]["pipeline_model_parallel_size"]) == want
 
 
+@pytest.mark.dist  # multi-rank save (or torchrun)
 def test_load_model_accepts_a_checkpoint_root_or_iter_dir(saved, reference, megatron_tp1):
     from megaslim.sources import load_model
 
@@ -98,6 +100,7 @@ def test_load_model_accepts_a_checkpoint_root_or_iter_dir(saved, reference, mega
         assert torch.equal(_logits(model), reference[1])
 
 
+@pytest.mark.dist  # multi-rank save (or torchrun)
 def test_sigkill_during_save_keeps_previous_checkpoint(tiny_llama, reference, tmp_path):
     root, marker = tmp_path / "run", tmp_path / "marker"
     marker.mkdir()
@@ -137,6 +140,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_llama, reference, tm
     _assert_same_as_reference(root, reference, iteration=1)
 
 
+@pytest.mark.dist  # multi-rank save (or torchrun)
 def test_other_shape_is_refused_before_loading(saved, megatron_tp1):
     from megaslim.model.build import build_gpt
 
@@ -182,6 +186,7 @@ def _damage_cases():
     }
 
 
+@pytest.mark.dist  # multi-rank save (or torchrun)
 @pytest.mark.parametrize("case", list(_damage_cases()))
 def test_corrupt_checkpoint_gives_clear_error(saved, tmp_path, megatron_tp1, case):
     from megaslim.sources import load_model
@@ -194,6 +199,7 @@ def test_corrupt_checkpoint_gives_clear_error(saved, tmp_path, megatron_tp1, cas
         load_model(ModelConfig(load=str(root)))
 
 
+@pytest.mark.dist  # multi-rank save (or torchrun)
 def test_bad_latest_marker(saved, tmp_path):
     root = tmp_path / "ckpt"
     shutil.copytree(saved["tp2"], root)
@@ -205,6 +211,7 @@ def test_bad_latest_marker(saved, tmp_path):
         checkpoint.read_meta(root)
 
 
+@pytest.mark.dist  # multi-rank save (or torchrun)
 def test_interrupted_resave_and_leftover_partials(saved, tmp_path):
     root = tmp_path / "ckpt"
     shutil.copytree(saved["tp2"], root)
@@ -266,6 +273,7 @@ def _assert_disk_full_handled(proc, root):
     assert checkpoint.verify(root)["iteration"] == 1
 
 
+@pytest.mark.dist  # multi-rank save (or torchrun)
 def test_disk_full_in_one_ranks_writer(tiny_llama, tmp_path):
     """ENOSPC where megatron's writer (forked from rank 1) writes its data file: rank 0, where DCP
     gathers the failures, names the last complete checkpoint; the partial save is gone."""
@@ -293,6 +301,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
+@pytest.mark.dist  # multi-rank save (or torchrun)
 def test_disk_full_on_a_small_tmpfs(tiny_llama, small_tmpfs):
     root = small_tmpfs / "run"
     proc = torchrun("ckpt_save.py", tiny_llama, root, 1, 1, "1,2", nproc=1, timeout=240, check=False)

@@ -89,6 +89,7 @@ def test_archive_reader_skips_traversal_and_links(tmp_path):
 
 
 # ---------------------------------------------------------------- preprocessing + GPTDataset
+@pytest.mark.dist  # the launcher's --workers 2 pool: more than one process
 def test_preprocess_default_corpora_then_gptdataset_gives_the_tokenized_stream(tok, smollm2_dir, corpus_files,
                                                                               tmp_path):
     out = tmp_path / "out"

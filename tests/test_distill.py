@@ -1,14 +1,9 @@
 """Distillation loop: identical steps at every layout, exact resume after SIGKILL, bad input."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from dist_utils import ROOT, free_port, torchrun
+from dist_utils import ROOT, kill_after_step, torchrun
 
 from megaslim.model.hf import HFReader
 
@@ -38,6 +33,7 @@ def _losses(out):
     return by_step
 
 
+@pytest.mark.dist
 def test_steps_identical_at_tp2_pp2_dp2_tp2pp2(tiny_llama_tok, plan, tmp_path):
     runs = {}
     for tp, pp, n in [(1, 1, 1), (2, 1, 2), (1, 2, 2), (1, 1, 2), (2, 2, 4)]:
@@ -62,13 +58,7 @@ def test_steps_identical_at_tp2_pp2_dp2_tp2pp2(tiny_llama_tok, plan, tmp_path):
             assert (w.get(k) - ref_w.get(k)).abs().max().item() < 1e-5, (key, k)
 
 
-def _launch(args, nproc):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", str(ROOT / "launch" / "distill.py"), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-
-
+@pytest.mark.dist
 def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_tok, plan, tmp_path):
     common = ["train.train_iters=6", "checkpoint.save_interval=2"]
     full = tmp_path / "full"
@@ -76,19 +66,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_tok, plan, tmp_path
              f"export.hf_dir={full}/hf"), nproc=2, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = _launch(_args(tiny_llama_tok, killed, plan, *common, f"export.hf_dir={killed}/hf"), 2)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            metrics = killed / "metrics.jsonl"
-            if metrics.exists() and max(_losses(killed), default=0) >= 3:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"run ended before it could be killed: {proc.stderr.read()[-2000:]}")
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    kill_after_step(ROOT / "launch" / "distill.py", _args(tiny_llama_tok, killed, plan, *common,
+                    f"export.hf_dir={killed}/hf"), killed, 3, nproc=2)
     assert not (killed / "hf").exists()
     assert (killed / "checkpoint" / "latest").read_text().strip() in ("2", "4")
 
@@ -111,18 +90,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_tok, plan, tmp_path
     (["train.global_batch_size=3"], "not a multiple of train.micro_batch_size"),
     (["distill.teacher.load=/nope"], "no such file or directory"),
 ])
-def test_bad_input(tiny_llama_tok, plan, tmp_path, extra, needle):
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"),
-                           *_args(tiny_llama_tok, tmp_path / "o", plan, *extra)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_bad_input(launch, tiny_llama_tok, plan, tmp_path, extra, needle):
+    proc = launch("distill.py", *_args(tiny_llama_tok, tmp_path / "o", plan, *extra), timeout=120)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "checkpoint").exists()
 
 
-def test_existing_run_needs_resume_flag(tiny_llama_tok, plan, tmp_path):
+def test_existing_run_needs_resume_flag(launch, tiny_llama_tok, plan, tmp_path):
     out = tmp_path / "o"
-    torchrun(ROOT / "launch" / "distill.py", *_args(tiny_llama_tok, out, plan, "train.train_iters=2"), nproc=1)
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"),
-                           *_args(tiny_llama_tok, out, plan, "train.train_iters=2")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    first = launch("distill.py", *_args(tiny_llama_tok, out, plan, "train.train_iters=2"))  # one process, world 1
+    assert first.returncode == 0, first.stderr[-8000:]
+    proc = launch("distill.py", *_args(tiny_llama_tok, out, plan, "train.train_iters=2"), timeout=120)
     assert proc.returncode == 2 and "set resume=true" in proc.stderr

@@ -8,8 +8,6 @@ faked): TE autocast per recipe, and FP8 distillation tracking BF16 over 20 steps
 image (docs/fp8.md): `python -m pytest -m gpu tests/test_fp8.py`.
 """
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -99,12 +97,10 @@ def test_check_fp8_refuses_on_this_machine():
 
 
 @pytest.mark.skipif(FP8_GPU, reason="FP8 can run here")
-def test_launcher_refuses_fp8_in_one_line(tiny_llama_tok, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"), f"model.load={tiny_llama_tok}",
-                           f"distill.student.load={tiny_llama_tok}", f"output_dir={tmp_path / 'o'}",
-                           f"data.train_path={TEXT}", f"data.eval_path={TEXT}", "data.seq_length=32",
-                           "distill.fp8=e4m3", "model.transformer_impl=transformer_engine"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_launcher_refuses_fp8_in_one_line(launch, tiny_llama_tok, tmp_path):
+    proc = launch("distill.py", f"model.load={tiny_llama_tok}", f"distill.student.load={tiny_llama_tok}",
+                  f"output_dir={tmp_path / 'o'}", f"data.train_path={TEXT}", f"data.eval_path={TEXT}",
+                  "data.seq_length=32", "distill.fp8=e4m3", "model.transformer_impl=transformer_engine", timeout=120)
     assert proc.returncode == 2 and "distill.fp8=e4m3 cannot run" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o" / "checkpoint").exists()
 

@@ -1,8 +1,6 @@
 """Synthetic-data generation: seeded sampling, KV cache == full recompute, prompts from the corpus,
 TP=2 output == TP=1, valid JSONL, LM-only training on it, bad input."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -146,7 +144,7 @@ def test_student_trains_with_lm_loss_on_synthetic_data(tiny_llama_tok, generated
     assert json.loads((out / "distill.json").read_text())["mode"] == "lm"
 
 
-def test_bad_input(tiny_llama_tok, tmp_path):
+def test_bad_input(launch, tiny_llama_tok, tmp_path):
     from megaslim.commands.cli import parse_args
     from megaslim.commands.generate import validate
     from megaslim.config import ConfigError
@@ -173,7 +171,6 @@ def test_bad_input(tiny_llama_tok, tmp_path):
     assert s.num_prompts == 3 and cfg.data.seq_length == 64
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), *base,
-                           f"generate.prompts_path={empty}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = launch("generate.py", *base, f"generate.prompts_path={empty}", timeout=120)
     assert proc.returncode == 2 and "empty prompt set" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "synthetic.jsonl").exists()

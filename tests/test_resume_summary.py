@@ -5,14 +5,11 @@ rerun does not replace its checkpoint."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-from dist_utils import ROOT, free_port, torchrun
+from dist_utils import ROOT, kill_after_step, torchrun
 
 TEXT = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
 DISTILL = ROOT / "launch" / "distill.py"
@@ -20,6 +17,7 @@ COMMON = ["train.train_iters=5", "checkpoint.save_interval=2", "eval.interval=2"
 # one thread: reductions in one order, so runs in separate processes agree bitwise; rich keeps each
 # summary row on one line
 ENV = {"OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+pytestmark = pytest.mark.dist  # every test here runs torchrun (an agent and its worker)
 
 
 def _args(model_dir, out, plan, *extra):
@@ -70,53 +68,9 @@ def uninterrupted(tiny_llama_tok, plan, tmp_path_factory):
     return out
 
 
-def _kill_after_step(args, out, step):
-    """Run distill.py (torchrun, one rank) and SIGKILL it once metrics.jsonl holds `step`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", f"--master-port={free_port()}",
-           str(DISTILL), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=dict(os.environ, PYTHONWARNINGS="ignore", **ENV))
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            metrics = out / "metrics.jsonl"
-            if metrics.exists() and max((r["step"] for r in _records(out, tolerant=True)), default=0) >= step:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"run ended before it could be killed: {proc.stderr.read()[-2000:]}")
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    _assert_worker_gone(out)
-
-
-def _running_with(text):
-    """pids of the live (not zombie) processes whose command line holds `text`."""
-    pids = []
-    for proc_dir in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            pids.append(int(proc_dir.name))
-    return pids
-
-
-def _assert_worker_gone(out, seconds=30.0):
-    """torchrun starts its worker in a session of its own, out of reach of the kill: the worker must
-    die with its launcher (else it trains on and moves `latest` under the rerun)."""
-    deadline = time.time() + seconds
-    while _running_with(f"output_dir={out}") and time.time() < deadline:
-        time.sleep(0.1)
-    assert not _running_with(f"output_dir={out}"), "the worker outlived its killed launcher"
-
-
 def test_killed_then_resumed_run_reports_like_an_uninterrupted_one(tiny_llama_tok, plan, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
-    _kill_after_step(_args(tiny_llama_tok, killed, plan), killed, 3)
+    kill_after_step(DISTILL, _args(tiny_llama_tok, killed, plan), killed, 3, env=ENV)
     latest = int((killed / "checkpoint" / "latest").read_text())
     assert latest in (2, 4)
     proc = torchrun(DISTILL, *_args(tiny_llama_tok, killed, plan, "resume=true"), nproc=1, timeout=300, env=ENV)

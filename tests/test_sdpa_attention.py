@@ -117,6 +117,7 @@ def test_importance_scores_unchanged(sources, megatron_tp1):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), field
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
 def test_logits_match_at_tp2_and_pp2(sources, tokens, tmp_path, tp, pp):
     torch.save(tokens, tmp_path / "tokens.pt")

@@ -2,8 +2,6 @@
 masks in checkpoints, exact zeros through distillation (DP=2, distributed optimizer) and resume, and
 bad input refused before compute."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -54,13 +52,12 @@ def test_2to4_indivisible_and_wanda_without_rows_refused(tok, tmp_path):
         prepare_sparsity(cfg, arch, tokenizer=tok)
 
 
-def test_2to4_on_pruned_shape_refused_before_compute(tiny_llama_tok, tmp_path):
+def test_2to4_on_pruned_shape_refused_before_compute(launch, tiny_llama_tok, tmp_path):
     out = tmp_path / "o"
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "prune.py"), f"model.load={tiny_llama_tok}",
-                           f"output_dir={out}", f"data.calib_path={TEXT}", f"data.eval_path={TEXT}",
-                           "data.seq_length=32", "importance.num_samples=4", "prune.export_config.ffn_hidden_size=90",
-                           "prune.sparsity.method=magnitude", "prune.sparsity.pattern='2:4'"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = launch("prune.py", f"model.load={tiny_llama_tok}", f"output_dir={out}", f"data.calib_path={TEXT}",
+                  f"data.eval_path={TEXT}", "data.seq_length=32", "importance.num_samples=4",
+                  "prune.export_config.ffn_hidden_size=90", "prune.sparsity.method=magnitude",
+                  "prune.sparsity.pattern='2:4'", timeout=120)
     assert proc.returncode == 2 and "not divisible by 4" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
 
