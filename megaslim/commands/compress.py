@@ -87,6 +87,7 @@ def check(cfg: Config) -> tuple[ParallelLayout, list]:
     validate_compress(cfg)
     rounds = list(cfg.compress.rounds) or [cfg.prune.export_config]
     arch = source_arch(resolve_source(cfg.model.load))
+    distill_cmd.refuse_moe(arch, "model.load")  # every round distills
     if cfg.prune.target_params is not None:
         prune_cmd.search_candidates(cfg, arch)
     for i, target in enumerate(rounds):

@@ -102,9 +102,18 @@ def _validate_teacher(cfg: Config, layout: ParallelLayout) -> Inputs:
     key = "distill.teacher.load" if cfg.distill.teacher.load else "model.load"
     src = resolve_source(cfg.distill.teacher.load or cfg.model.load, key)
     arch = source_arch(src)
+    refuse_moe(arch, "the teacher")
     check_parallel_layout(arch, layout.tp, layout.pp)
     check_positions(arch, cfg.data.seq_length, "the teacher")
     return Inputs(layout, load_tokenizer(cfg.model, src), arch, teacher_src=src)
+
+
+def refuse_moe(arch, who: str) -> None:
+    """Distilling mixtures of experts is not built yet (the router's load-balancing loss would be added
+    unlogged): refused before any weight is read. Pruning them works (docs/moe.md)."""
+    if arch.is_moe:
+        raise MegaslimError(f"{who} is a mixture of experts ({arch.num_moe_experts} experts): distillation of "
+                            "MoE models is not supported yet; launch/prune.py prunes them (docs/moe.md)")
 
 
 def _validate_student(cfg: Config, inp: Inputs) -> None:
@@ -112,6 +121,7 @@ def _validate_student(cfg: Config, inp: Inputs) -> None:
     if cfg.distill.student.load:
         inp.student_src = resolve_source(cfg.distill.student.load, "distill.student.load")
         inp.student_arch = source_arch(inp.student_src)
+        refuse_moe(inp.student_arch, "the student")
         check_positions(inp.student_arch, cfg.data.seq_length, "the student")
         if inp.student_src.tokenizer_dir is not None and cfg.model.tokenizer is None:
             st = load_tokenizer(cfg.model, inp.student_src)
