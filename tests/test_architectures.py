@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 from dist_utils import torchrun
+from tiny import hf_logits, make_tiny_llama, save_random_tokens
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megaslim.config import ExportConfigShape, ImportanceConfig, ModelConfig
@@ -25,7 +26,6 @@ ARCHS = {  # what each family adds, made to matter
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    from tiny import make_tiny_llama
 
     root = tmp_path_factory.mktemp("archs")
     return {fam: make_tiny_llama(root / fam, family=fam, vocab=VOCAB, seed=i, **kw)
@@ -34,15 +34,7 @@ def sources(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("tok") / "tokens.pt"
-    torch.save(torch.randint(0, VOCAB, (2, 20)), path)
-    return path
-
-
-def _hf_logits(path, tokens):
-    with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(str(path)).eval()(tokens).logits
+    return save_random_tokens(tmp_path_factory.mktemp("tok") / "tokens.pt", VOCAB, (2, 20))
 
 
 def _megatron_logits(model, tokens):
@@ -71,7 +63,7 @@ def test_arch_reads_what_each_family_adds(sources):
 def test_logits_match_hf_and_roundtrip_is_exact(sources, tokens, tmp_path, family, tp):
     src, out, export = sources[family], tmp_path / "logits.pt", tmp_path / "export"
     torchrun("forward_logits.py", src, tp, 1, tokens, out, export, nproc=tp)
-    assert (torch.load(out) - _hf_logits(src, torch.load(tokens))).abs().max().item() < 1e-5
+    assert (torch.load(out) - hf_logits(src, torch.load(tokens))).abs().max().item() < 1e-5
 
     a, b = HFReader(src), HFReader(export)
     assert a.keys() == b.keys()
@@ -103,7 +95,7 @@ def test_prune_width_and_depth_exports_an_hf_model_matching_megatron(sources, to
 
     model, arch, _ = load_model(ModelConfig(load=str(sources[family])))
     toks = torch.load(tokens)
-    assert (_megatron_logits(model, toks) - _hf_logits(sources[family], toks)).abs().max().item() < 1e-5
+    assert (_megatron_logits(model, toks) - hf_logits(sources[family], toks)).abs().max().item() < 1e-5
 
     # a keep-all random permutation of heads, groups, neurons and channels reproduces the logits: every
     # tensor carrying a dimension (QKV bias, LayerNorm bias, non-gated fc1 rows) moves with it
@@ -248,7 +240,6 @@ def test_harmless_settings_are_accepted(family, kw):
 
 def test_tie_mismatch_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
-    from tiny import make_tiny_llama
 
     def fetch(path, name="embedding.word_embeddings.weight"):
         arch = arch_from_hf_config(read_hf_config(path))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from dist_utils import torchrun
 from moe_tiny import FAMILIES, VOCAB, make_tiny_moe
+from tiny import hf_logits, save_random_tokens
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megaslim.config import ModelConfig
@@ -25,15 +26,7 @@ def sources(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("tok") / "tokens.pt"
-    torch.save(torch.randint(0, VOCAB, (2, 16)), path)
-    return path
-
-
-def _hf_logits(path, tokens):
-    with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(str(path)).eval()(tokens).logits
+    return save_random_tokens(tmp_path_factory.mktemp("tok") / "tokens.pt", VOCAB, (2, 16))
 
 
 def _assert_same_weights(src, export):
@@ -73,10 +66,10 @@ def test_tp1_logits_match_hf_and_roundtrip_is_exact(sources, tokens, tmp_path, m
     pos = torch.arange(toks.shape[1]).unsqueeze(0).expand_as(toks)
     with torch.no_grad():
         logits = model(toks, pos, None)[..., :VOCAB]
-    assert (logits - _hf_logits(src, toks)).abs().max().item() < 1e-4
+    assert (logits - hf_logits(src, toks)).abs().max().item() < 1e-4
     export_hf(model, arch, tmp_path / "export", tokenizer_dir=None, source=str(src))
     _assert_same_weights(src, tmp_path / "export")
-    assert (_hf_logits(tmp_path / "export", toks) - logits).abs().max().item() < 1e-4
+    assert (hf_logits(tmp_path / "export", toks) - logits).abs().max().item() < 1e-4
 
 
 @pytest.mark.dist
@@ -87,8 +80,8 @@ def test_tp1_logits_match_hf_and_roundtrip_is_exact(sources, tokens, tmp_path, m
 ])
 def test_logits_match_hf_and_roundtrip_is_exact(sources, tokens, tmp_path, family, tp, pp, ep):
     src, out, export = sources[family], tmp_path / "logits.pt", tmp_path / "export"
-    torchrun("moe_forward_logits.py", src, tp, pp, ep, tokens, out, export, nproc=tp * pp * ep)
-    assert (torch.load(out) - _hf_logits(src, torch.load(tokens))).abs().max().item() < 1e-4
+    torchrun("forward_logits.py", src, tp, pp, tokens, out, export, "--ep", ep, nproc=tp * pp * ep)
+    assert (torch.load(out) - hf_logits(src, torch.load(tokens))).abs().max().item() < 1e-4
     _assert_same_weights(src, export)
 
 
@@ -155,7 +148,7 @@ def test_checkpoint_saved_at_ep2_reloads_at_ep1_and_tp2_exactly(sources, tokens,
     from megaslim.sources import load_model
 
     src, root, toks = sources["qwen2_moe"], tmp_path / "ckpt", torch.load(tokens)
-    torchrun("moe_forward_logits.py", src, 1, 1, 2, tokens, tmp_path / "ep2.pt", "-", "--save", root, nproc=2)
+    torchrun("forward_logits.py", src, 1, 1, tokens, tmp_path / "ep2.pt", "-", "--ep", 2, "--save", root, nproc=2)
     assert read_meta(root)["saved_with"]["expert_model_parallel_size"] == 2
 
     model, arch, _ = load_model(ModelConfig(load=str(root)))  # EP=1 in this process: all four experts here
@@ -163,8 +156,29 @@ def test_checkpoint_saved_at_ep2_reloads_at_ep1_and_tp2_exactly(sources, tokens,
     export_hf(model, arch, tmp_path / "ep1", tokenizer_dir=None)
     _assert_same_weights(src, tmp_path / "ep1")
 
-    torchrun("moe_forward_logits.py", root, 2, 1, 1, tokens, tmp_path / "tp2.pt", tmp_path / "tp2", nproc=2)
+    torchrun("forward_logits.py", root, 2, 1, tokens, tmp_path / "tp2.pt", tmp_path / "tp2", nproc=2)
     _assert_same_weights(src, tmp_path / "tp2")
-    ref = _hf_logits(src, toks)
+    ref = hf_logits(src, toks)
     for out in ("ep2.pt", "tp2.pt"):
         assert (torch.load(tmp_path / out) - ref).abs().max().item() < 1e-4, out
+
+
+@pytest.mark.parametrize("launcher, key", [
+    ("distill.py", "distill.teacher.load"), ("distill.py", "distill.student.load"), ("compress.py", "model.load")])
+def test_moe_distillation_is_refused_before_any_weight(sources, tiny_llama_tok, tmp_path, launcher, key):
+    import subprocess
+    import sys
+
+    from dist_utils import ROOT
+
+    text = ROOT / "tests" / "data" / "hamlet_excerpt.txt"
+    args = [f"{key}={sources['mixtral']}", f"output_dir={tmp_path / 'o'}", f"data.train_path={text}",
+            f"data.eval_path={text}", "data.seq_length=16"]
+    if key != "model.load":
+        args.append(f"model.load={tiny_llama_tok}")  # a dense model beside the MoE one
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / launcher), "--check", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "mixture of experts" in errors[0] and "not supported yet" in errors[0], errors
+    assert not (tmp_path / "o").exists()

@@ -56,3 +56,18 @@ def add_tiny_tokenizer(path: str | Path, vocab: int = 320) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(str(path))
     return Path(path)
+
+
+def save_random_tokens(path: Path, vocab: int, shape: tuple[int, int], seed: int = 1) -> Path:
+    """Random token ids [batch, seq] < vocab, saved with torch.save (the forward workers' input)."""
+    torch.manual_seed(seed)
+    torch.save(torch.randint(0, vocab, shape), path)
+    return path
+
+
+def hf_logits(path: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' logits of the HF model in `path` on `tokens` (the reference of every bridge test)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(str(path)).eval()(tokens).logits
