@@ -223,11 +223,12 @@ def test_expert_targets_are_checked(loaded):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp, pp, ep", [(1, 1, 2), (1, 2, 1)])
-def test_expert_scores_are_identical_at_ep2_and_pp2(sources, scores, rows, tmp_path, tp, pp, ep):
+@pytest.mark.parametrize("tp, pp, ep, nproc", [(1, 1, 2, 2), (1, 2, 1, 2), (2, 1, 1, 2), (2, 1, 2, 4)])
+def test_expert_scores_are_identical_at_ep2_pp2_tp2_and_tp2xep2(sources, scores, rows, tmp_path, tp, pp, ep,
+                                                                 nproc):
     torch.save(rows, tmp_path / "rows.pt")
     torchrun("moe_importance.py", sources["qwen2_moe"], tp, pp, ep, tmp_path / "rows.pt", tmp_path / "s.pt",
-             nproc=tp * pp * ep)
+             nproc=nproc)
     got, ref = torch.load(tmp_path / "s.pt"), scores["qwen2_moe"]
     for k in ("expert_reap", "expert_l2", "expert_frequency", "expert_weight", "expert_neurons",
               "shared_expert_neurons", "heads", "channels"):

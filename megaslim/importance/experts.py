@@ -7,6 +7,9 @@ weight: megatron applies the probabilities before `linear_fc2`) and each expert'
 A sample's tokens go to different experts, so these are per-token sums (count, sum, sum of squares), which
 add up across micro-batches, DP and EP ranks alike; `reduce_expert_stats` sums them over the stage (DP
 group: every token is seen by exactly one holder of its expert) and then over PP.
+Under TP every TP rank routes the same tokens and the dispatcher gathers all of their copies; an expert's
+output there is a partial sum over its ffn shard: the hooks count one copy of each token and sum the
+expert's output over the expert-TP group before its norm; neuron scores are per shard, gathered at the end.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 from megaslim.errors import MegaslimError
 from megaslim.importance.stats import SampleStats, seq_reduce
 from megaslim.model.arch import ModelArch
-from megaslim.runtime.layout import ParallelLayout, device
+from megaslim.runtime.layout import ParallelLayout
 
 EXPERT_METRICS = ("reap", "l2")
 EXPERT_TENSORS = ("expert_reap", "expert_l2", "expert_frequency", "expert_weight", "expert_neurons",
@@ -70,7 +73,7 @@ class ExpertHooks:
         valid = valid.unsqueeze(0).expand(s, b).reshape(-1)
         self.tokens += valid.sum()
         self.routed += routing_map.cpu()[valid].sum(0).double()
-        valid, routing_map = _gather_over_ep(valid), _gather_over_ep(routing_map.cpu())
+        valid, routing_map = _gather_over_ep(valid) & _first_tp_copy(valid.numel()), _gather_over_ep(routing_map.cpu())
         # megatron's permute gives each expert its tokens in ascending token order (all EP ranks' tokens)
         self._masks = {j: valid[routing_map[:, self.offset + j]] for j in range(self.n_local)}
 
@@ -85,7 +88,7 @@ class ExpertHooks:
         out = (output[0] if isinstance(output, tuple) else output).detach().float()
         mask = self._mask(j, out.shape[0])
         w = args[1].detach().float()[mask].double() if len(args) > 1 else torch.ones(int(mask.sum()))
-        norm = torch.linalg.vector_norm(out[mask], dim=-1).double().cpu()  # = w * |f(x)|
+        norm = torch.linalg.vector_norm(_sum_over_expert_tp(out[mask]), dim=-1).double().cpu()  # = w * |f(x)|
         row = self.stats[self.offset + j]
         row[_COUNT] += mask.sum()
         row[_REAP] += norm.sum()
@@ -101,7 +104,8 @@ class ExpertHooks:
     def packed(self) -> torch.Tensor:
         """[experts, 6 + 2 * ffn]: stats, router-side count, real tokens, neuron sums: one tensor to reduce."""
         tokens = self.tokens.expand(self.routed.shape[0], 1)
-        return torch.cat([self.stats, self.routed[:, None], tokens, self.neurons.flatten(1)], 1)
+        neurons = _expert_tp_all_gather(self.neurons, dim=1)  # ffn shards in rank order = the full ffn
+        return torch.cat([self.stats, self.routed[:, None], tokens, neurons.flatten(1)], 1)
 
 
 class SharedNeuronHook:
@@ -121,33 +125,45 @@ class SharedNeuronHook:
         self.handle.remove()
 
     def packed(self) -> torch.Tensor:
-        return self.stats.packed()
+        return ParallelLayout.tp_gather(self.stats.packed(), 0)  # TP ranks hold contiguous neuron blocks
+
+
+def _expert_group(tp_only: bool):
+    """The expert-TP group (`tp_only`) or the expert TP x EP group; None where it has one rank."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    group = ps.get_expert_tensor_parallel_group() if tp_only else ps.get_expert_tensor_and_model_parallel_group()
+    return group if group is not None and torch.distributed.get_world_size(group) > 1 else None
 
 
 def _gather_over_ep(t: torch.Tensor) -> torch.Tensor:
     """Concatenate `t` from every rank of the expert (TP x EP) group in rank order, as megatron's
-    allgather dispatcher gathers the tokens; `t` itself without expert parallelism."""
+    allgather dispatcher gathers the tokens; `t` itself with one rank there."""
+    return _all_gather(t, _expert_group(tp_only=False), dim=0)
+
+
+def _expert_tp_all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return _all_gather(t, _expert_group(tp_only=True), dim=dim)
+
+
+def _all_gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return t if group is None else torch.cat(ParallelLayout.gather_parts(t, group), dim)
+
+
+def _first_tp_copy(n: int) -> torch.Tensor:
+    """Over the gathered tokens: True for those sent by an expert-TP rank 0 (the other TP ranks send copies)."""
     from megatron.core import parallel_state as ps
 
-    if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
-        return t
-    import torch.distributed as dist
-
-    group = ps.get_expert_tensor_and_model_parallel_group()
-    x = t.to(device()).contiguous()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat([p.cpu() for p in parts], 0)
+    rank = ps.get_expert_tensor_parallel_rank() if _expert_group(tp_only=True) is not None else 0
+    return _gather_over_ep(torch.full((n,), rank, dtype=torch.int64)) == 0
 
 
-def check_expert_importance_layout(arch: ModelArch) -> None:
-    """Expert outputs are TP partial sums until the token combine: MoE importance runs at TP=1 (any EP/PP/DP)."""
-    from megatron.core import parallel_state as ps
-
-    if arch.is_moe and ps.get_tensor_model_parallel_world_size() > 1:
-        raise MegaslimError("importance of a mixture-of-experts model runs at parallel.tensor_model_parallel_size=1 "
-                            "(use expert, pipeline and data parallelism); the pruned model can still be written "
-                            "at any TP with prune.target_tensor_model_parallel_size")
+def _sum_over_expert_tp(x: torch.Tensor) -> torch.Tensor:
+    """An expert's output rows summed over its ffn shards (a partial sum on each expert-TP rank)."""
+    group = _expert_group(tp_only=True)
+    return x if group is None else ParallelLayout.all_reduce(x, group)
 
 
 def attach_expert_hooks(model, ctx, arch: ModelArch, *, seq_agg: str = "mean") -> list:
@@ -157,7 +173,6 @@ def attach_expert_hooks(model, ctx, arch: ModelArch, *, seq_agg: str = "mean") -
 
     if not arch.is_moe:
         return []
-    check_expert_importance_layout(arch)
     offset, hooks = local_offset(arch.num_moe_experts), []
     for layer in model.decoder.layers:
         i, mlp = layer.layer_number - 1, layer.mlp

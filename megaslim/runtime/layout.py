@@ -128,11 +128,14 @@ class ParallelLayout:
         from megatron.core import parallel_state as ps
 
         tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-        if tp == 1:
-            return [t]
+        return [t] if tp == 1 else ParallelLayout.gather_parts(t, ps.get_tensor_model_parallel_group(), cpu=cpu)
+
+    @staticmethod
+    def gather_parts(t: torch.Tensor, group, *, cpu: bool = True) -> list[torch.Tensor]:
+        """Every rank's copy of `t` over `group`, in group rank order (see tp_gather_parts)."""
         t = t.to(device()).contiguous()
-        parts = [torch.empty_like(t) for _ in range(tp)]
-        dist.all_gather(parts, t, group=ps.get_tensor_model_parallel_group())
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t, group=group)
         return [p.cpu() for p in parts] if cpu else parts
 
     @classmethod
