@@ -29,7 +29,7 @@ def evaluate_rows(model, rows: torch.Tensor, *, vocab_size: int, micro_batch_siz
 
     batches = make_microbatches(mine, micro_batch_size) if len(mine) else []
     # under EP every DP rank runs as many micro-batches (masked copies count nowhere)
-    batches = pad_for_expert_parallel(batches, rows.shape[0], layout.dp, micro_batch_size)
+    batches = pad_for_expert_parallel(batches, rows, layout.dp, micro_batch_size)
     outs = run_forward(model, batches, on_output, seq_length=seq_length,
                        micro_batch_size=micro_batch_size) if batches else []
     total = torch.zeros(2, dtype=torch.float64)

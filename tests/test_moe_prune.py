@@ -236,6 +236,20 @@ def test_expert_scores_are_identical_at_ep2_pp2_tp2_and_tp2xep2(sources, scores,
 
 
 @pytest.mark.dist
+def test_a_data_parallel_rank_without_calibration_rows_still_joins_the_expert_exchange(loaded, sources, rows,
+                                                                                       tmp_path):
+    """One row at EP=2 (DP=2): rank 1 has no row but must run the MoE layers' token exchange with rank 0."""
+    model, arch = loaded["qwen2_moe"]
+    ref = activation_scores(model, arch, rows[:1], ImportanceConfig(), micro_batch_size=2)
+    torch.save(rows[:1], tmp_path / "rows.pt")
+    torchrun("moe_importance.py", sources["qwen2_moe"], 1, 1, 2, tmp_path / "rows.pt", tmp_path / "s.pt",
+             nproc=2, timeout=240)
+    got = torch.load(tmp_path / "s.pt")
+    for k in ("expert_reap", "expert_frequency", "expert_neurons", "heads"):
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-9, msg=k)
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize("tp, ep, ttp", [(1, 2, 0), (1, 1, 2)])  # scored and written at EP=2; written at TP=2
 def test_pruned_at_ep2_or_written_at_tp2_equals_pruned_in_one_process(loaded, scores, rows, tmp_path, sources,
                                                                     tp, ep, ttp):

@@ -39,7 +39,7 @@ def activation_scores(model, arch: ModelArch, rows: torch.Tensor, cfg: Importanc
     (the full calibration set; each DP rank takes rows r::dp)."""
     layout = ParallelLayout.from_groups()
     batches = make_microbatches(layout.shard_rows(rows), micro_batch_size)
-    batches = pad_for_expert_parallel(batches, rows.shape[0], layout.dp, micro_batch_size)  # EP: same count
+    batches = pad_for_expert_parallel(batches, rows, layout.dp, micro_batch_size)  # EP: same count
     ctx = CalibContext()
     bar = _progress(len(batches), "importance")
 

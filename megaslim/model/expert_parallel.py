@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megaslim.model.forward import make_microbatches
+
 _EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)\.")
 
 
@@ -68,14 +70,15 @@ def global_fetch(fetch: Callable[[str], torch.Tensor], num_experts: Optional[int
     return by_global_name
 
 
-def pad_for_expert_parallel(batches: list[dict], num_rows: int, dp: int, micro_batch_size: int) -> list[dict]:
+def pad_for_expert_parallel(batches: list[dict], rows: torch.Tensor, dp: int, micro_batch_size: int) -> list[dict]:
     """Under expert parallelism every rank of an EP group joins each MoE layer's token exchange, so all DP
-    ranks must run as many micro-batches: add fully masked copies (their tokens count nowhere) to a rank whose
-    share of the `num_rows` calibration rows is shorter. Unchanged without EP."""
+    ranks must run as many micro-batches: add fully masked ones (their tokens count nowhere) to a rank whose
+    share of the calibration `rows` is shorter, or empty. Unchanged without EP."""
     from megatron.core import parallel_state as ps
 
-    if not batches or not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
+    if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
         return batches
-    need = math.ceil(math.ceil(num_rows / dp) / micro_batch_size)  # micro-batches of the largest share
-    masked = dict(batches[0], loss_mask=torch.zeros_like(batches[0]["loss_mask"]))
+    need = math.ceil(math.ceil(rows.shape[0] / dp) / micro_batch_size)  # micro-batches of the largest share
+    template = batches[0] if batches else make_microbatches(rows[:1], micro_batch_size)[0]
+    masked = dict(template, loss_mask=torch.zeros_like(template["loss_mask"]))
     return batches + [masked] * (need - len(batches))
