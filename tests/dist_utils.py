@@ -22,13 +22,20 @@ def free_port() -> int:
 
 def torchrun(script: str | Path, *args: str, nproc: int = 1, timeout: int = 300,
              check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node nproc script args`; raises with both output streams on failure."""
+    """`torchrun --nproc-per-node nproc script args`; raises with both output streams on failure.
+    A one-process run that must succeed starts the script directly with torchrun's environment (the
+    launcher's agent costs seconds per call and changes nothing for one worker); runs that may fail keep
+    the real launcher, whose exit handling is part of what they test."""
     script = Path(script)
     if not script.is_absolute():
         script = (WORKERS / script) if (WORKERS / script).exists() else ROOT / script
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "--monitor-interval=0.2", str(script), *map(str, args)]
+    direct = nproc == 1 and check
+    launcher = [] if direct else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                                  f"--master-port={free_port()}", "--monitor-interval=0.2"]
+    cmd = [sys.executable, *launcher, str(script), *map(str, args)]
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR")
+    if direct:  # what torchrun sets for its one worker (no MASTER_PORT: megaslim then needs no rendezvous)
+        full_env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", OMP_NUM_THREADS="1")
     full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
