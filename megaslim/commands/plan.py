@@ -1,9 +1,10 @@
 """The dry-run planner (`launch/compress.py --config CONFIG --dry-run`): what a compress run costs, before
 any GPU, weight or torch.distributed is touched.
 
-Per stage (the teacher, each round's pruning, each round's distillation) it prints parameters, forward
-FLOPs/token and the memory per GPU (megaslim.commands.planning) at the configured TP/PP and
-DP = nodes * gpus_per_node / (TP * PP), and refuses layouts that do not divide or do not fit.
+Per stage (the teacher, each round's pruning, each round's distillation) it prints parameters (a mixture of
+experts' active parameters beside them), forward FLOPs/token and the memory per GPU
+(megaslim.commands.planning) at the configured TP/PP/EP and DP = nodes * gpus_per_node / (TP * PP), and
+refuses layouts that do not divide or do not fit.
 
 Time = tokens * FLOPs/token / (GPUs * --gpu-tflops * --mfu); distillation FLOPs/token = 3 * F(student)
 (forward + backward) + F(teacher) (forward); tokens = train_iters * global_batch_size * seq_length.
@@ -39,7 +40,7 @@ from megaslim.distill.train import resolve_pairs
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch, check_parallel_layout
 from megaslim.prune.plan import flops_per_token, target_shape
-from megaslim.prune.search import candidates
+from megaslim.prune.search import Budget, candidates
 from megaslim.runtime import ParallelLayout
 
 
@@ -77,6 +78,7 @@ class Stage:
     shape: str = ""
     rows: list[tuple[str, str, str]] = field(default_factory=list)  # (item, value, how)
     params: Optional[int] = None
+    active_params: Optional[int] = None  # an MoE's parameters per token (top-k experts); None for dense models
     flops: Optional[int] = None
     memory_gib: Optional[float] = None  # peak per GPU
     hours: Optional[float] = None
@@ -162,8 +164,20 @@ def _hours(seconds: float) -> str:
 
 
 def _shape_str(a: ModelArch) -> str:
-    return (f"{a.num_layers} layers, hidden {a.hidden_size}, ffn {a.ffn_hidden_size}, {a.num_attention_heads} heads "
+    ffn = f"ffn {a.ffn_hidden_size}"
+    if a.is_moe:
+        ffn = f"{a.num_moe_experts} experts (top-{a.moe_router_topk}) x ffn {a.moe_ffn_hidden_size}" + (
+            f" + shared ffn {a.moe_shared_expert_intermediate_size}" if a.moe_shared_expert_intermediate_size else "")
+    return (f"{a.num_layers} layers, hidden {a.hidden_size}, {ffn}, {a.num_attention_heads} heads "
             f"in {a.num_query_groups} groups x {a.kv_channels}, vocab {a.vocab_size}")
+
+
+def _active(a: ModelArch) -> Optional[int]:
+    return a.num_active_params() if a.is_moe else None
+
+
+def _params_str(n: int, active: Optional[int]) -> str:
+    return _big(n) + (f" ({_big(active)} active)" if active is not None else "")
 
 
 def _fit(total: float, budget: float) -> str:
@@ -205,27 +219,29 @@ def _micro_batches(cfg: Config, layout: ParallelLayout, opts: PlannerOptions) ->
 
 def _layout_problems(arch: ModelArch, layout: ParallelLayout, what: str) -> list[str]:
     try:
-        check_parallel_layout(arch, layout.tp, layout.pp)
+        check_parallel_layout(arch, layout.tp, layout.pp, layout.ep)
     except MegaslimError as err:
         return [f"{what}: {err}"]
     return []
 
 
-def _searched_round(cfg: Config, source: ModelArch, tp: int, prune_tp: int) -> ModelArch:
-    """prune.target_params: the search's largest candidate bounds the student's size."""
+def _searched_round(cfg: Config, source: ModelArch, tp: int, prune_tp: int, ep: int) -> ModelArch:
+    """prune.target_params / target_active_params: the search's largest candidate (most parameters: under an
+    active budget the nearest to it may hold fewer experts than another) bounds the student's size."""
     try:
-        return candidates(source, cfg.prune.target_params, cfg.prune.search, tps=(tp, prune_tp),
-                          pp=cfg.prune.target_pipeline_model_parallel_size
-                          or cfg.parallel.pipeline_model_parallel_size)[0]
+        found = candidates(source, Budget.of(cfg.prune), cfg.prune.search, tps=(tp, prune_tp),
+                           pp=cfg.prune.target_pipeline_model_parallel_size
+                           or cfg.parallel.pipeline_model_parallel_size, ep=ep)
+        return max(found, key=lambda a: (a.num_params(), a.num_active_params()))
     except MegaslimError as err:
         raise PlanError(str(err)) from None
 
 
-def _rounds(cfg: Config, source: ModelArch, tp: int) -> list[ModelArch]:
+def _rounds(cfg: Config, source: ModelArch, tp: int, ep: int = 1) -> list[ModelArch]:
     """The round targets, shaped as the compress command checks them (before anything runs)."""
     prune_tp = cfg.prune.target_tensor_model_parallel_size or tp
-    if cfg.prune.target_params is not None:
-        return [_searched_round(cfg, source, tp, prune_tp)]
+    if Budget.of(cfg.prune) is not None:
+        return [_searched_round(cfg, source, tp, prune_tp, ep)]
     out, cur = [], source
     for i, target in enumerate(list(cfg.compress.rounds) or [cfg.prune.export_config], 1):
         try:
@@ -249,7 +265,7 @@ def _validate(cfg: Config, opts: PlannerOptions, config_path) -> tuple[_Job, Mod
     problems = _layout_problems(source, layout, "teacher")
     if problems:
         raise PlanError(problems[0])
-    rounds = _rounds(cfg, source, layout.tp)
+    rounds = _rounds(cfg, source, layout.tp, layout.ep)
     micro = _micro_batches(cfg, layout, opts)
     for i, r in enumerate(rounds, 1):
         problems += _layout_problems(r, layout, f"round {i} student")
@@ -263,8 +279,11 @@ def _validate(cfg: Config, opts: PlannerOptions, config_path) -> tuple[_Job, Mod
 
 def _teacher_stage(job: _Job, source: ModelArch) -> Stage:
     st = Stage("teacher", "teacher", params=source.num_params(), flops=flops_per_token(source, job.s),
-               shape=_shape_str(source))
+               shape=_shape_str(source), active_params=_active(source))
     st.add("parameters", f"{st.params:,}", f"{_big(st.params)}; embeddings {_big(embedding_params(source))}")
+    if st.active_params is not None:
+        st.add("active parameters", f"{st.active_params:,}", f"{_big(st.active_params)}: top-"
+               f"{source.moe_router_topk} of {source.num_moe_experts} experts per token")
     st.add("FLOPs/token (forward)", _big(st.flops), f"seq_length {job.s}")
     return st
 
@@ -282,17 +301,22 @@ def _prune_seconds(job: _Job, prev: ModelArch, student: ModelArch) -> float:
 def _prune_stage(job: _Job, i: int, prev: ModelArch, student: ModelArch) -> Stage:
     cfg, opts, s, lay = job.cfg, job.opts, job.s, job.layout
     ps = Stage(f"round {i} prune", "prune", params=student.num_params(), flops=flops_per_token(student, s),
-               shape=_shape_str(student))
+               shape=_shape_str(student), active_params=_active(student))
     b = cfg.data.micro_batch_size
-    total, parts = forward_memory(cfg, prev, tp=lay.tp, pp=lay.pp, b=b, flash=job.flash, overhead=job.overhead)
+    total, parts = forward_memory(cfg, prev, tp=lay.tp, pp=lay.pp, b=b, flash=job.flash, overhead=job.overhead,
+                                  ep=lay.ep)
     secs = _prune_seconds(job, prev, student)
-    host = stage_params_rank(prev, tp=1, pp=lay.pp, stage=0, divisible_by=1) * (4 if lay.tp == 1 else dtype_bytes(cfg))
+    host = stage_params_rank(prev, tp=1, pp=lay.pp, stage=0, divisible_by=1, ep=lay.ep) * (
+        4 if lay.tp == 1 else dtype_bytes(cfg))
     ps.memory_gib, ps.hours, ps.fits = total / GIB, secs / 3600, total <= job.budget
     ps.numbers = dict(parts, total=total, seconds=secs)
     ps.add("parameters", f"{prev.num_params():,} -> {ps.params:,}",
            f"{_big(ps.params)} ({100 * ps.params / prev.num_params():.1f}%)" + (
                "; layers dropped as one contiguous block" if cfg.prune.drop_contiguous
                and student.num_layers < prev.num_layers else ""))
+    if ps.active_params is not None:
+        ps.add("active parameters", f"{prev.num_active_params():,} -> {ps.active_params:,}",
+               f"{_big(ps.active_params)} ({100 * ps.active_params / prev.num_active_params():.1f}%)")
     ps.add("FLOPs/token (forward)", f"{_big(flops_per_token(prev, s))} -> {_big(ps.flops)}", f"seq_length {s}")
     ps.add("weights / GPU", _gib(parts["weights"]) + " GiB", f"{cfg.model.params_dtype}, TP {lay.tp} PP {lay.pp}")
     ps.add("activations / GPU", _gib(parts["activations"]) + " GiB",
@@ -324,6 +348,8 @@ def _distill_rows(ds: Stage, job: _Job, student: ModelArch, parts: dict, total: 
     cfg, lay, s, w = job.cfg, job.layout, job.s, dtype_bytes(job.cfg)
     act = layer_activation_elems(student, s=s, b=cfg.train.micro_batch_size, tp=lay.tp, flash=job.flash) * w
     opt_how = f"{12 if w < 4 else 8} B/param" + (f" / DP {lay.dp} (distributed optimizer)" if lay.dp > 1 else "")
+    if student.is_moe and lay.ep > 1:
+        opt_how += f"; experts / (DP / EP {lay.ep})"
     for key, how in (("student weights", f"{parts['params_rank']:,} params/GPU x {w} B"),
                      ("student grads", "x 4 B (fp32 grad buffer)"),
                      ("optimizer state", opt_how),
@@ -342,7 +368,7 @@ def _distill_rows(ds: Stage, job: _Job, student: ModelArch, parts: dict, total: 
 
 def _distill_stage(job: _Job, i: int, student: ModelArch, teacher: ModelArch, original: bool) -> Stage:
     cfg, t, s, lay, opts = job.cfg, job.cfg.train, job.s, job.layout, job.opts
-    ds = Stage(f"round {i} distill", "distill", params=student.num_params())
+    ds = Stage(f"round {i} distill", "distill", params=student.num_params(), active_params=_active(student))
     try:
         pairs = resolve_pairs(cfg, student, teacher, lay.pp)
     except MegaslimError as err:
@@ -351,12 +377,13 @@ def _distill_stage(job: _Job, i: int, student: ModelArch, teacher: ModelArch, or
     ds.flops = 3 * f_s + f_t
     tokens, secs = _distill_seconds(job, ds.flops, f_s, f_t)
     total, parts = distill_memory(cfg, student, teacher, tp=lay.tp, pp=lay.pp, dp=lay.dp, micro=job.micro,
-                                  flash=job.flash, overhead=job.overhead)
+                                  flash=job.flash, overhead=job.overhead, ep=lay.ep)
     ds.memory_gib, ds.hours, ds.fits = total / GIB, secs / 3600, total <= job.budget
     ds.numbers = dict(parts, total=total, seconds=secs, tokens=tokens, micro_batches=job.micro)
     kd = "logit KD" + (f" + intermediate {cfg.distill.intermediate_loss} on {len(pairs)} layer pairs "
                        f"{[list(p) for p in pairs]}" if pairs else " only") + f" ({cfg.distill.kl} KL)"
-    ds.add("student / teacher", f"{_big(student.num_params())} / {_big(teacher.num_params())}",
+    ds.add("student / teacher", f"{_params_str(student.num_params(), _active(student))} / "
+           f"{_params_str(teacher.num_params(), _active(teacher))}",
            f"teacher: {'original model' if original else f'round {i - 1} student'}; {kd}")
     ds.add("layout", f"TP {lay.tp} x PP {lay.pp} x DP {lay.dp} = {opts.world} GPUs",
            f"{job.micro} micro-batches of {t.micro_batch_size} x {s} tokens per step per DP rank; "
@@ -388,8 +415,9 @@ def _notes(job: _Job, source: ModelArch, stages: list[Stage]) -> list[str]:
     if not hf_heads_rule(source):
         notes.append(f"{source.family}: transformers' hidden % heads rule (Llama-family configs) is not "
                      "applied to the targets; its HF config carries head_dim.")
-    if cfg.prune.target_params is not None:
-        notes.append(f"prune.target_params={cfg.prune.target_params:,.0f}: the run ranks the "
+    budget = Budget.of(cfg.prune)
+    if budget is not None:
+        notes.append(f"{budget.key}={budget.value:,.0f}: the run ranks the "
                      f"{cfg.prune.search.top_k} shapes nearest the budget after "
                      f"{cfg.prune.search.train_iters} distillation steps each; the plan sizes the largest.")
     if job.flash:
@@ -405,7 +433,7 @@ def _notes(job: _Job, source: ModelArch, stages: list[Stage]) -> list[str]:
         notes.append(f"teacher correction first: {tc:,} LM-loss steps of the teacher ({_big(tc_tokens)} tokens, "
                      f"~{_hours(tc_tokens * 3 * flops_per_token(source, s) / job.rate)} compute); its memory is "
                      "that of training a teacher-sized model (not sized here)")
-    if cfg.prune.target_params is not None and cfg.prune.search.train_iters:
+    if budget is not None and cfg.prune.search.train_iters:
         se = cfg.prune.search
         se_tokens = se.top_k * se.train_iters * t.global_batch_size * s
         notes.append(f"shape search: {se.top_k} candidates x {se.train_iters} distillation steps "
@@ -444,7 +472,8 @@ def _summary_table(p: Plan) -> Table:
     for col in ("stage", "params", "FLOPs/token", "peak GiB/GPU", "time", "fits"):
         summary.add_column(col)
     for s in p.stages:
-        summary.add_row(s.name, _big(s.params) if s.params else "-", _big(s.flops) if s.flops else "-",
+        summary.add_row(s.name, _params_str(s.params, s.active_params) if s.params else "-",
+                        _big(s.flops) if s.flops else "-",
                         f"{s.memory_gib:.1f}" if s.memory_gib is not None else "-",
                         _hours(s.hours * 3600) if s.hours is not None else "-",
                         "-" if s.fits is None else ("yes" if s.fits else "NO"))
@@ -474,7 +503,8 @@ def to_json(p: Plan) -> dict:
     # dry_run_only: kept (always null) so plan JSONs keep their keys; every planned architecture now loads
     return {"config": p.config, "source": p.source, "tp": p.tp, "pp": p.pp, "dp": p.dp,
             "dry_run_only": None, "options": dataclasses.asdict(p.options), "notes": p.notes,
-            "stages": [{"name": s.name, "params": s.params, "flops_per_token": s.flops, "memory_gib": s.memory_gib,
+            "stages": [{"name": s.name, "params": s.params, "active_params": s.active_params,
+                        "flops_per_token": s.flops, "memory_gib": s.memory_gib,
                         "hours": s.hours, "fits": s.fits, "problems": s.problems} for s in p.stages]}
 
 

@@ -13,6 +13,7 @@ replicated norms, its pipeline stage only:
   gradients         P_rank * 4                      megaslim's DDP reduces grads in fp32
   optimizer (Adam)  P_rank * (12 | 8) / DP          fp32 master copy (absent when w = 4) + 2 moments;
                                                     megatron's distributed optimizer shards it when DP > 1
+                                                    (an MoE's experts over the expert-DP group, DP / EP)
   teacher           P_rank(teacher) * w             frozen: no gradients, no optimizer state
   activations       per layer and micro-batch, stored for backward (Korthikanti et al. 2022's count,
                     TP without sequence parallelism; megaslim enables neither SP nor recompute):
@@ -27,8 +28,9 @@ replicated norms, its pipeline stage only:
                     vocab-sized temporaries of the KL (last pipeline stage)
   overhead          a flat --overhead-gib (CUDA context, NCCL buffers, allocator fragmentation)
 
-Parameters are ModelArch.num_params (exact HF counts) and forward FLOPs/token are
-megaslim.prune.plan.flops_per_token (attention over the full sequence, logits included).
+Parameters are ModelArch.num_params (exact HF counts; an MoE's active count, ModelArch.num_active_params, beside
+it) and forward FLOPs/token are megaslim.prune.plan.flops_per_token (attention over the full sequence, logits
+included; an MoE's top-k experts, shared expert and router).
 """
 from __future__ import annotations
 
@@ -146,19 +148,27 @@ def _norm_params(arch: ModelArch) -> int:
     return arch.hidden_size * (2 if arch.normalization == "LayerNorm1P" else 1)  # weight (+ bias)
 
 
-def _layer_params_rank(arch: ModelArch, tp: int) -> int:
+def _layer_params_rank(arch: ModelArch, tp: int, ep: int = 1) -> int:
     h, f, hd = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
     q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
-    linear = h * (q + 2 * kv) + q * h + (3 if arch.gated else 2) * h * f
+    mats = 3 if arch.gated else 2
+    linear = h * (q + 2 * kv) + q * h + mats * h * f
     bias = q + 2 * kv if arch.qkv_bias else 0
     norms = 2 * _norm_params(arch) + (2 * hd if arch.qk_layernorm else 0)
-    return (linear + bias) // tp + norms
+    replicated = 0
+    if arch.is_moe:  # each GPU holds experts / EP experts, TP-split like a dense MLP; the router is replicated
+        shared = arch.moe_shared_expert_intermediate_size or 0
+        linear = (h * (q + 2 * kv) + q * h + arch.num_moe_experts // ep * mats * h * arch.moe_ffn_hidden_size
+                  + mats * h * shared)
+        replicated = arch.num_moe_experts * h + (h if arch.moe_shared_expert_gate else 0)
+    return (linear + bias) // tp + norms + replicated
 
 
-def stage_params_rank(arch: ModelArch, *, tp: int, pp: int, stage: int, divisible_by: int) -> int:
-    """Parameters one GPU of pipeline stage `stage` holds (megatron's GPTModel shard)."""
+def stage_params_rank(arch: ModelArch, *, tp: int, pp: int, stage: int, divisible_by: int, ep: int = 1) -> int:
+    """Parameters one GPU of pipeline stage `stage` holds (megatron's GPTModel shard; an MoE's experts split
+    over `ep` ranks)."""
     vp = padded_vocab(arch.vocab_size, divisible_by, tp)
-    n = (arch.num_layers // pp) * _layer_params_rank(arch, tp)
+    n = (arch.num_layers // pp) * _layer_params_rank(arch, tp, ep)
     if stage == 0:
         n += vp * arch.hidden_size // tp
     if stage == pp - 1:
@@ -168,9 +178,22 @@ def stage_params_rank(arch: ModelArch, *, tp: int, pp: int, stage: int, divisibl
     return n
 
 
+def expert_params_rank(arch: ModelArch, *, tp: int, pp: int, ep: int) -> int:
+    """The routed experts' share of stage_params_rank (the same on every stage)."""
+    if not arch.is_moe:
+        return 0
+    mats = 3 if arch.gated else 2
+    per_layer = arch.num_moe_experts // ep * mats * arch.hidden_size * arch.moe_ffn_hidden_size // tp
+    return (arch.num_layers // pp) * per_layer
+
+
 def layer_activation_elems(arch: ModelArch, *, s: int, b: int, tp: int, flash: bool) -> int:
-    """Activation elements one transformer layer stores for backward, per GPU (TP without SP)."""
+    """Activation elements one transformer layer stores for backward, per GPU (TP without SP). An MoE layer
+    stores each token's top-k experts' and the shared expert's FFN activations (EP moves tokens to their
+    experts: on average a GPU holds its own tokens' count)."""
     h, f, hd = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
+    if arch.is_moe:
+        f = arch.moe_router_topk * arch.moe_ffn_hidden_size + (arch.moe_shared_expert_intermediate_size or 0)
     q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
     m = 2 if arch.gated else 1
     n = s * b * (4 * h + (2 * q + 2 * kv + (m + 1) * f) // tp)
@@ -187,7 +210,7 @@ def in_flight(pp: int, stage: int, micro: int) -> int:
 
 
 def forward_memory(cfg: Config, arch: ModelArch, *, tp: int, pp: int, b: int, flash: bool,
-                   overhead: float) -> tuple[float, dict]:
+                   overhead: float, ep: int = 1) -> tuple[float, dict]:
     """Peak GPU bytes of a forward-only pass (importance / evaluation): weights + one layer's working set
     + the last stage's logits (bf16 + float32 upcast + log-softmax)."""
     s, w = cfg.data.seq_length, dtype_bytes(cfg)
@@ -196,7 +219,7 @@ def forward_memory(cfg: Config, arch: ModelArch, *, tp: int, pp: int, b: int, fl
     worst = (0.0, {})
     for st in range(pp):
         parts = {
-            "weights": stage_params_rank(arch, tp=tp, pp=pp, stage=st, divisible_by=div) * w,
+            "weights": stage_params_rank(arch, tp=tp, pp=pp, stage=st, divisible_by=div, ep=ep) * w,
             "activations": layer_activation_elems(arch, s=s, b=b, tp=tp, flash=flash) * w
             + (s * b * arch.hidden_size * w if st > 0 else 0),
             "logits": s * b * vp // tp * (w + 8) if st == pp - 1 else 0,
@@ -208,7 +231,7 @@ def forward_memory(cfg: Config, arch: ModelArch, *, tp: int, pp: int, b: int, fl
 
 
 def distill_memory(cfg: Config, student: ModelArch, teacher: ModelArch, *, tp: int, pp: int, dp: int,
-                   micro: int, flash: bool, overhead: float) -> tuple[float, dict]:
+                   micro: int, flash: bool, overhead: float, ep: int = 1) -> tuple[float, dict]:
     """Peak GPU bytes of a distillation step, on the pipeline stage that needs the most."""
     s, b, w = cfg.data.seq_length, cfg.train.micro_batch_size, dtype_bytes(cfg)
     div = cfg.model.make_vocab_size_divisible_by
@@ -219,14 +242,16 @@ def distill_memory(cfg: Config, student: ModelArch, teacher: ModelArch, *, tp: i
     opt_bytes = 12 if w < 4 else 8
     stages = []
     for st in range(pp):
-        p_s = stage_params_rank(student, tp=tp, pp=pp, stage=st, divisible_by=div)
-        p_t = stage_params_rank(teacher, tp=tp, pp=pp, stage=st, divisible_by=div)
+        p_s = stage_params_rank(student, tp=tp, pp=pp, stage=st, divisible_by=div, ep=ep)
+        p_t = stage_params_rank(teacher, tp=tp, pp=pp, stage=st, divisible_by=div, ep=ep)
+        p_e = expert_params_rank(student, tp=tp, pp=pp, ep=ep)
         fly = in_flight(pp, st, micro)
         buffers = fly * s * b * ((ht if st > 0 else 0) + (hs + ht if st < pp - 1 else 0)) * w
         parts = {
             "student weights": p_s * w,
             "student grads": p_s * 4,
-            "optimizer state": p_s * opt_bytes / (dp if dp > 1 else 1),
+            # the distributed optimizer shards dense parameters over DP, experts over the expert-DP group (DP / EP)
+            "optimizer state": (p_s - p_e) * opt_bytes / dp + p_e * opt_bytes / max(1, dp // ep),
             "teacher weights": p_t * w,
             "student activations": fly * (student.num_layers // pp) * per_layer
             + (s * b * 2 * hs * w if st == pp - 1 else 0),

@@ -43,7 +43,7 @@ from megaslim.model.hf import export_hf
 from megaslim.prune.depth import depth_kwargs
 from megaslim.prune.iterative import compose_plans, iterative_plans
 from megaslim.prune.plan import PrunePlan, build_plan, flops_per_token, target_shape
-from megaslim.prune.search import candidates, rank, table
+from megaslim.prune.search import Budget, candidates, rank, table
 from megaslim.prune.student import student_from_plan
 from megaslim.runtime import ParallelLayout, rank0_print
 from megaslim.runtime.layout import check_layout
@@ -62,7 +62,7 @@ class Job:
     plan: Optional[PrunePlan]  # prune.plan_path
     scores: Optional[ImportanceScores]  # importance.scores_path
     target: Optional[ModelArch]  # the pruned shape from prune.export_config / drop_layers
-    shapes: Optional[list[ModelArch]]  # prune.target_params: the candidates to rank
+    shapes: Optional[list[ModelArch]]  # prune.target_params / target_active_params: the candidates to rank
 
     @property
     def out_dir(self) -> Path:
@@ -116,13 +116,15 @@ class Outcome:
 
 
 def search_candidates(cfg: Config, arch: ModelArch) -> list[ModelArch]:
-    """prune.target_params: the candidate shapes, checked before any compute (also by compress; the key
-    clashes and PP=1 are the config's: validate_prune / validate_compress)."""
+    """prune.target_params / target_active_params: the candidate shapes, checked before any compute (also by
+    compress; the key clashes and PP=1 are the config's: validate_prune / validate_compress). Experts are
+    pruned in memory at the run's EP, so their counts divide it."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     ttp = cfg.prune.target_tensor_model_parallel_size or tp
     tpp = cfg.prune.target_pipeline_model_parallel_size or pp
     sp = cfg.prune.sparsity
-    return candidates(arch, cfg.prune.target_params, cfg.prune.search, tps=(tp, ttp), pp=tpp,
+    return candidates(arch, Budget.of(cfg.prune), cfg.prune.search, tps=(tp, ttp), pp=tpp,
+                      ep=cfg.parallel.expert_model_parallel_size,
                       input_multiple=4 if sp.method and sp.pattern == "2:4" else 1)
 
 
@@ -130,7 +132,7 @@ def _target(cfg: Config, arch: ModelArch, plan: Optional[PrunePlan], ttp: int):
     """(explicit target shape, search candidates): at most one of them, both None without pruning."""
     if cfg.importance.only:
         return None, None
-    if cfg.prune.target_params is not None:
+    if Budget.of(cfg.prune) is not None:
         return None, search_candidates(cfg, arch)
     if plan is not None:
         return None, None
@@ -260,12 +262,13 @@ def search(job: Job, inputs: Inputs, model, arch: ModelArch, scores) -> ModelArc
             return short_distill(cfg, student, student_arch, model, arch, inputs.eval_rows, inputs.train_prefix,
                                  inputs.tokenizer, out_dir / "search" / f"candidate{i}")
     ranked = rank(cfg, model, arch, job.shapes, scores, inputs.eval_rows, train=train)
-    table(ranked, cfg.prune.target_params, cfg.prune.search.train_iters)
+    table(ranked, Budget.of(cfg.prune), cfg.prune.search.train_iters)
     dist.barrier()
     if report.is_rank0():
         shutil.rmtree(out_dir / "search", ignore_errors=True)  # the candidates' data cache
         mio.write_json(out_dir / "search.json", {
-            "target_params": cfg.prune.target_params, "train_iters": cfg.prune.search.train_iters,
+            "target_params": cfg.prune.target_params, "target_active_params": cfg.prune.target_active_params,
+            "train_iters": cfg.prune.search.train_iters,
             "ranking": [r.to_dict() for r in ranked]})
     return ranked[0].arch
 
@@ -371,6 +374,11 @@ def plan_table(plan: PrunePlan, seq_length: int) -> None:
                 "kv_channels"):
         t.add_row(key, str(getattr(a, key)), str(getattr(b, key)))
     t.add_row("params", f"{a.num_params():,}", f"{b.num_params():,} ({b.num_params() / a.num_params():.1%})")
+    if a.is_moe:  # what one token runs through (top-k experts)
+        for key in ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            t.add_row(key, str(getattr(a, key)), str(getattr(b, key)))
+        t.add_row("active params", f"{a.num_active_params():,}",
+                  f"{b.num_active_params():,} ({b.num_active_params() / a.num_active_params():.1%})")
     t.add_row(f"GFLOPs/token (seq {seq_length})", f"{flops_per_token(a, seq_length) / 1e9:.3f}",
               f"{flops_per_token(b, seq_length) / 1e9:.3f}")
     dropped = sorted(set(range(a.num_layers)) - set(plan.keep_layers))
@@ -395,6 +403,9 @@ def finish(job: Job, arch: ModelArch, out: Outcome, timer: report.Timer) -> dict
         "megatron_dir": str(out.megatron_dir) if out.megatron_dir else None,
         "fold_heads": bool(plan.fold_heads or any(p.fold_heads for p in out.chain or [])),
         "iterative": job.cfg.prune.iterative, "steps": out.steps, "sparsity": out.sparsity.summary()}
+    if arch.is_moe:
+        result.update(active_params_before=arch.num_active_params(),
+                      active_params_after=plan.target_arch.num_active_params())
     if report.is_rank0():
         mio.write_json(out_dir / "prune.json", result)
     report.summary_table("megaslim prune", [

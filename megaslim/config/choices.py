@@ -73,6 +73,9 @@ class SearchAxis(Choice):
     hidden_size = "hidden_size"
     ffn_hidden_size = "ffn_hidden_size"
     num_attention_heads = "num_attention_heads"
+    num_moe_experts = "num_moe_experts"  # MoE axes (ModelOpt's names); a dense model has none to skip
+    moe_ffn_hidden_size = "moe_ffn_hidden_size"
+    moe_shared_expert_intermediate_size = "moe_shared_expert_intermediate_size"
 
 
 class SparsityMethod(Choice):

@@ -82,7 +82,8 @@ class ImportanceConfig:
 
 @dataclass
 class SearchConfig:
-    """prune.target_params: candidate shapes within the budget (names as ModelOpt's Minitron search)."""
+    """prune.target_params / target_active_params: candidate shapes within the budget (names as ModelOpt's
+    Minitron search)."""
     max_width_pruning: float = 0.4  # at most this fraction of hidden/ffn/heads is removed per axis
     max_depth_pruning: float = 0.2  # at most this fraction of the layers is removed
     width_step: float = 0.05  # width axes are sampled every width_step of the source size
@@ -110,6 +111,9 @@ class PruneConfig:
     layer_blocks: int = 1  # layer_metric=block_loss: the dropped layers form at most this many blocks
     plan_path: Optional[str] = None  # apply a saved PrunePlan JSON instead of building one
     target_params: Optional[float] = None  # parameter budget: search the shape (prune.search)
+    # or a budget of active parameters (MoE: top-k experts per token; a dense model's active = total, as
+    # ModelOpt's active_params): one of the two
+    target_active_params: Optional[float] = None
     search: SearchConfig = field(default_factory=SearchConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     fold_heads: bool = False
@@ -140,6 +144,9 @@ class DistillConfig:
     top_k: int = 64  # for kl=topk
     # > 0: output layers + logit losses in chunks of this many tokens (megaslim.distill.chunked); 0: whole logits
     logit_chunk_tokens: int = 0
+    # MoE student: its router's load-balancing loss coefficient (megatron moe_aux_loss_coeff); unset: the
+    # student's own (HF router_aux_loss_coef), 0: off
+    moe_aux_loss_coeff: Optional[float] = None
     fp8: Optional[Fp8Mode] = None  # Transformer Engine; docs/fp8.md
     fp8_recipe: Fp8Recipe = Fp8Recipe.delayed
     fp8_amax_history_len: int = 1024

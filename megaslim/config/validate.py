@@ -8,7 +8,7 @@ Layout checks that need the world size (TP*PP divides it, the global batch split
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 from megaslim.config.choice_check import check_choices
 from megaslim.config.errors import ConfigError
@@ -52,6 +52,14 @@ _AT_LEAST_ZERO = (  # intervals: 0 (or unset) = off
 )
 SHAPE_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers",
               "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+
+
+def search_budget_key(p: Any) -> Optional[str]:
+    """The budget key the shape search runs for (prune.target_params | prune.target_active_params; both set
+    is refused below), None when the shape is not searched."""
+    if p.target_active_params is not None:
+        return "prune.target_active_params"
+    return "prune.target_params" if p.target_params is not None else None
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -106,13 +114,17 @@ def _check_prune_target(cfg: Config) -> None:
     bad = [i for i in p.drop_layers if i < 0]
     if bad:
         raise ConfigError(f"prune.drop_layers {bad}: layer indices are >= 0 (source layers to drop)")
-    builds_target = not cfg.importance.only and p.plan_path is None and p.target_params is None
+    budget = search_budget_key(p)
+    builds_target = not cfg.importance.only and p.plan_path is None and budget is None
     if builds_target and p.drop_layers and p.export_config.num_layers:
         raise ConfigError("set either prune.drop_layers or prune.export_config.num_layers, not both")
-    if p.target_params is not None and p.target_params <= 0:
-        raise ConfigError(f"prune.target_params={p.target_params} must be > 0")
+    if p.target_params is not None and p.target_active_params is not None:
+        raise ConfigError("set either prune.target_params (all parameters) or prune.target_active_params (those one "
+                          "token runs through), not both")
+    if budget is not None and _get(cfg, budget) <= 0:
+        raise ConfigError(f"{budget}={_get(cfg, budget)} must be > 0")
     depth_by_importance = not p.drop_layers and not p.plan_path and (
-        p.export_config.num_layers is not None or p.target_params is not None)
+        p.export_config.num_layers is not None or budget is not None)
     if (depth_by_importance and not cfg.importance.only and p.layer_metric == "loss"
             and "loss" not in cfg.importance.layer_metrics and not cfg.importance.scores_path):
         raise ConfigError("prune.layer_metric=loss needs importance.layer_metrics to include loss")
@@ -145,7 +157,8 @@ def _check_depth(cfg: Config) -> None:
     builds = joint and not imp.only and not p.plan_path
     for bad, why in ((builds and bool(p.drop_layers), "chooses the layers to drop; unset prune.drop_layers"),
                      (builds and p.drop_contiguous, "supersedes prune.drop_contiguous (a block by BI); unset it"),
-                     (builds and p.target_params is not None, "scores one depth; prune.target_params tries several"),
+                     (builds and search_budget_key(p) is not None,
+                      f"scores one depth; {search_budget_key(p)} tries several"),
                      (builds and p.iterative > 1, "chooses every layer in one pass; set prune.iterative=1")):
         if bad:
             raise ConfigError(f"{what} {why}")
@@ -155,7 +168,7 @@ def _check_depth(cfg: Config) -> None:
 
 
 def target_params_clashes(cfg: Config) -> list[str]:
-    """The keys that fix what prune.target_params searches for."""
+    """The keys that fix what prune.target_params / target_active_params searches for."""
     p = cfg.prune
     return ([f"prune.export_config.{k}" for k in SHAPE_KEYS if getattr(p.export_config, k) is not None]
             + (["prune.drop_layers"] if p.drop_layers else []) + (["prune.plan_path"] if p.plan_path else [])
@@ -163,14 +176,16 @@ def target_params_clashes(cfg: Config) -> list[str]:
 
 
 def _check_target_params(cfg: Config, *, always: bool = False) -> None:
-    """prune.target_params searches the shape itself, in memory (also refused by compress: `always`)."""
-    if cfg.prune.target_params is None or (cfg.importance.only and not always):
+    """prune.target_params (or target_active_params) searches the shape itself, in memory (also refused by
+    compress: `always`)."""
+    key = search_budget_key(cfg.prune)
+    if key is None or (cfg.importance.only and not always):
         return
     clashes = target_params_clashes(cfg)
     if clashes:
-        raise ConfigError(f"prune.target_params searches the shape itself; unset {', '.join(clashes)}")
+        raise ConfigError(f"{key} searches the shape itself; unset {', '.join(clashes)}")
     if cfg.parallel.pipeline_model_parallel_size != 1:
-        raise ConfigError("prune.target_params prunes every candidate in memory and needs "
+        raise ConfigError(f"{key} prunes every candidate in memory and needs "
                           "parallel.pipeline_model_parallel_size=1 (write the result at any PP with "
                           "prune.target_pipeline_model_parallel_size)")
 
@@ -228,6 +243,9 @@ def _check_distill(cfg: Config) -> None:
         raise ConfigError(f"distill.jsd_beta={d.jsd_beta} must be in (0, 1) for distill.kl=jsd; beta at 0 or 1 "
                           "makes the loss vanish, use distill.kl=forward or reverse instead")
     _check_layer_pairs(list(d.intermediate_layer_pairs))
+    if d.moe_aux_loss_coeff is not None and not d.moe_aux_loss_coeff >= 0:
+        raise ConfigError(f"distill.moe_aux_loss_coeff={d.moe_aux_loss_coeff} must be >= 0 (0: off; unset: the "
+                          "student's own router_aux_loss_coef)")
     if d.fp8 is not None and d.fp8_amax_history_len < 1:
         raise ConfigError(f"distill.fp8_amax_history_len must be >= 1 (got {d.fp8_amax_history_len})")
 
@@ -275,7 +293,7 @@ def _check_wanda_spec(cfg: Config) -> None:
 
 def _prunes_something(cfg: Config) -> bool:
     p = cfg.prune
-    return bool(cfg.importance.only or p.plan_path or p.drop_layers or p.target_params is not None
+    return bool(cfg.importance.only or p.plan_path or p.drop_layers or search_budget_key(p) is not None
                 or p.sparsity.method is not None or p.target_tensor_model_parallel_size
                 or p.target_pipeline_model_parallel_size
                 or any(v is not None for v in vars(p.export_config).values()))
@@ -285,7 +303,8 @@ def validate_prune(cfg: Config) -> None:
     """launch/prune.py (and compress's prune stages)."""
     if not _prunes_something(cfg):
         raise ConfigError("nothing to prune: set a target (prune.export_config.*, prune.drop_layers, "
-                          "prune.target_params or prune.plan_path), prune.sparsity.method, or importance.only=true")
+                          "prune.target_params / target_active_params or prune.plan_path), prune.sparsity.method, "
+                          "or importance.only=true")
     if cfg.prune.sparsity.method is not None and cfg.importance.only:
         raise ConfigError("prune.sparsity.method is applied after pruning; importance.only=true stops before it")
     _check_wanda_spec(cfg)
@@ -337,9 +356,10 @@ def validate_generate(cfg: Config) -> None:
 def validate_compress(cfg: Config) -> None:
     """launch/compress.py, before any stage: its targets, and what its stages would refuse later."""
     p = cfg.prune
-    if p.target_params is not None and cfg.compress.rounds:
-        raise ConfigError("prune.target_params searches one round's shape; unset compress.rounds (or give "
-                          "every round its shape and unset prune.target_params)")
+    key = search_budget_key(p)
+    if key is not None and cfg.compress.rounds:
+        raise ConfigError(f"{key} searches one round's shape; unset compress.rounds (or give "
+                          f"every round its shape and unset {key})")
     _check_target_params(cfg, always=True)
     if p.drop_layers or p.plan_path:
         raise ConfigError("compress takes its targets from compress.rounds / prune.export_config; "

@@ -228,8 +228,15 @@ def build_plan(arch: ModelArch, target: ModelArch, scores: Optional[ImportanceSc
 
 
 def flops_per_token(arch: ModelArch, seq_length: int) -> int:
-    """Forward FLOPs per token (2 x multiply-adds of every matmul incl. attention scores and logits)."""
+    """Forward FLOPs per token (2 x multiply-adds of every matmul incl. attention scores and logits). An MoE
+    layer runs its router, the top-k routed experts and the shared expert (with its gate), not every expert."""
     h, f, hd = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
     q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
-    per_layer = 2 * (h * (q + 2 * kv) + q * h + (3 if arch.gated else 2) * h * f) + 2 * 2 * seq_length * q
+    mats = 3 if arch.gated else 2
+    mlp = mats * h * f
+    if arch.is_moe:
+        shared = arch.moe_shared_expert_intermediate_size or 0
+        mlp = (arch.num_moe_experts * h + arch.moe_router_topk * mats * h * arch.moe_ffn_hidden_size
+               + mats * h * shared + (h if arch.moe_shared_expert_gate else 0))
+    per_layer = 2 * (h * (q + 2 * kv) + q * h + mlp) + 2 * 2 * seq_length * q
     return arch.num_layers * per_layer + 2 * h * arch.vocab_size
