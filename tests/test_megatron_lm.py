@@ -131,7 +131,6 @@ def test_hostile_common_pt_refused_nothing_executed(mlm_root, tmp_path, evil):
 @pytest.mark.dist
 @pytest.mark.parametrize("option,value,named", [
     ("multi_latent_attention", True, "MLA"),
-    ("num_experts", 8, "MoE"),
     ("mtp_num_layers", 1, "multi-token prediction"),
     ("hybrid_layer_pattern", "M*M*", "Mamba"),
     ("add_bias_linear", True, "biases"),
@@ -145,6 +144,49 @@ def test_inexpressible_options_refused_by_name_before_tensors(mlm_root, tmp_path
     with pytest.raises(MegaslimError, match=f"{option}=.*{named}") as err:
         resolve_source(str(root))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("option,value,named", [
+    ("moe_layer_freq", [1, 0, 1, 0], "mixed dense and MoE"),
+    ("moe_router_group_topk", 2, "grouped top-k"),
+    ("moe_expert_capacity_factor", 1.25, "token dropping"),
+    ("moe_router_score_function", "sigmoid", "non-softmax"),
+    ("moe_router_enable_expert_bias", True, "expert bias"),
+])
+def test_inexpressible_moe_options_refused_by_name_before_tensors(mlm_root, tmp_path, option, value, named):
+    common = _common(mlm_root / f"iter_{ITER:07d}")
+    common["args"].num_experts = 4
+    setattr(common["args"], option, value)
+    root = _copy_with_common(mlm_root / f"iter_{ITER:07d}", tmp_path / "run", common, data=False)
+    with pytest.raises(MegaslimError, match=f"{option}=.*{named}") as err:
+        resolve_source(str(root))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_megatron_lm_moe_checkpoint_saved_at_ep2_loads_at_ep1_like_hf(tmp_path, megatron_tp1, family):
+    """A Megatron-LM MoE run (--num-experts ... --moe-grouped-gemm, EP=2) in, as one process: the same weights and
+    logits as the HF model, the router and shared-expert settings read from its args."""
+    from moe_tiny import make_tiny_moe
+
+    src = make_tiny_moe(tmp_path / "hf", family, seed=5)
+    torchrun("megatron_lm_save.py", src, tmp_path / "run", 1, 1, ITER, "float32", 2, nproc=2, timeout=300)
+    model, arch, _ = load_model(ModelConfig(load=str(tmp_path / "run")))
+    hf_model, hf_arch, _ = load_model(ModelConfig(load=str(src)))
+    assert (arch.num_moe_experts, arch.moe_router_topk, arch.family) == (4, 2, family)
+    assert arch.moe_aux_loss_coeff == pytest.approx(0.01) and arch.qkv_bias == hf_arch.qkv_bias
+    for field in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+                  "moe_router_pre_softmax", "qk_layernorm", "num_query_groups"):
+        assert getattr(arch, field) == getattr(hf_arch, field), field
+    got, want = _weights(model), _weights(hf_model)
+    assert got.keys() == want.keys() and any(".experts.local_experts.3." in n for n in got)
+    for name, w in want.items():
+        assert torch.equal(got[name], w), name
+    tokens, pos = _tokens() % 128, torch.arange(16).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        assert torch.equal(model(tokens, pos, None), hf_model(tokens, pos, None))
 
 
 @pytest.mark.dist
@@ -184,6 +226,10 @@ _ARCHS = [
     ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=8, num_query_groups=2,
               kv_channels=8, vocab_size=256, family="nemotron", gated=False, activation="relu2",
               normalization="LayerNorm1P", rotary_percent=0.5),
+    ModelArch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
+              kv_channels=8, vocab_size=128, qkv_bias=True, family="qwen2_moe", num_moe_experts=8, moe_router_topk=2,
+              moe_ffn_hidden_size=16, moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True,
+              moe_router_pre_softmax=True, moe_aux_loss_coeff=0.001),
 ]
 
 
@@ -201,6 +247,12 @@ def test_args_table_round_trip(arch):
     assert ("--swiglu" in flags) == arch.gated and ("--qk-layernorm" in flags) == arch.qk_layernorm
     assert ("--untie-embeddings-and-output-weights" in flags) == (not arch.tie_word_embeddings)
     assert ("--use-rope-scaling" in flags) == bool(arch.rope_scaling) and "--bf16" in flags
+    if arch.is_moe:
+        assert (f"--num-experts {arch.num_moe_experts} --moe-router-topk {arch.moe_router_topk} "
+                f"--moe-ffn-hidden-size {arch.moe_ffn_hidden_size}") in flags
+        assert "--moe-shared-expert-gate" in flags and "--moe-router-pre-softmax" in flags
+    else:
+        assert "--num-experts" not in flags
 
 
 @pytest.mark.dist
@@ -324,8 +376,9 @@ def test_megatron_bridge_checkpoint_loads_like_hf(mlm_root, reference, tiny_llam
     assert arch.vocab_size == 250 and arch.num_query_groups == 4 and arch.tie_word_embeddings
     _assert_same(model, reference)
     run_config = (folder / "run_config.yaml").read_text()
-    (folder / "run_config.yaml").write_text(run_config.replace("num_moe_experts: null", "num_moe_experts: 8"))
-    with pytest.raises(MegaslimError, match="num_experts=8 .*MoE"):
+    (folder / "run_config.yaml").write_text(
+        run_config.replace("num_moe_experts: null", "num_moe_experts: 8\n  moe_router_num_groups: 2"))
+    with pytest.raises(MegaslimError, match="moe_router_num_groups=2 .*grouped top-k"):
         resolve_source(str(root))
 
 

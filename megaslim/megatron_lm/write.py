@@ -66,7 +66,8 @@ def export_megatron_lm(model, arch: ModelArch, out_dir: str | Path, *, iteration
     tok = final / TOKENIZER if tokenizer_dir is not None else None
     args = args_from_arch(arch, padded_vocab_size=padded, divisible_by=divisible_by, tp=tp, pp=pp,
                           world_size=dist.get_world_size(), params_dtype=model.config.params_dtype,
-                          tokenizer_model=str(tok) if tok else None, iteration=iteration)
+                          tokenizer_model=str(tok) if tok else None, iteration=iteration,
+                          ep=ps.get_expert_model_parallel_world_size())
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
              "num_floating_point_operations_so_far": 0, "model": model.sharded_state_dict()}
     ckpt.save_sharded(state, root, partial, content_metadata=dict(_CONTENT_METADATA))

@@ -4,8 +4,8 @@ and dtypes), checkpoint_version 3.0, iteration, scheduler state; the sharded par
 `model` keys, an RNG ShardedObject and a stand-in optimizer tensor; rank 0 then writes the tracker.
 Read from megatron/training/checkpointing.py (generate_state_dict, save_checkpoint) of megatron-core 0.17.1.
 
-usage: megatron_lm_save.py HF_SOURCE ROOT TP PP ITERATION [DTYPE]  (DTYPE: float32 | bfloat16; Megatron-LM's --bf16
-saves bf16 weights)
+usage: megatron_lm_save.py HF_SOURCE ROOT TP PP ITERATION [DTYPE [EP]]  (DTYPE: float32 | bfloat16; Megatron-LM's
+--bf16 saves bf16 weights; EP: expert parallel size of an MoE source)
 """
 import argparse
 import signal
@@ -18,7 +18,24 @@ from megaslim.config import ModelConfig
 from megaslim.runtime import init_runtime, main_guard
 
 
-def megatron_lm_args(arch, *, tp, pp, world, padded, tokenizer_model, dtype):
+def moe_args(arch, ep):
+    """What --num-experts N --moe-router-topk K --moe-ffn-hidden-size F ... --moe-grouped-gemm saves (none: dense)."""
+    if not arch.num_moe_experts:
+        return dict(num_experts=None)
+    return dict(
+        num_experts=arch.num_moe_experts, moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=arch.moe_shared_expert_gate, moe_router_pre_softmax=arch.moe_router_pre_softmax,
+        moe_router_score_function="softmax", moe_aux_loss_coeff=[0.01], moe_z_loss_coeff=None, moe_layer_freq=1,
+        moe_router_load_balancing_type="aux_loss", moe_grouped_gemm=True, moe_token_dispatcher_type="alltoall",
+        moe_expert_capacity_factor=None, moe_router_num_groups=None, moe_router_group_topk=None,
+        moe_router_topk_scaling_factor=None, moe_router_enable_expert_bias=False, moe_input_jitter_eps=None,
+        moe_router_dtype="fp32", expert_model_parallel_size=ep,
+    )
+
+
+def megatron_lm_args(arch, *, tp, pp, world, padded, tokenizer_model, dtype, ep=1):
     """What pretrain_gpt.py --num-layers ... --swiglu --normalization RMSNorm ... saves as args."""
     from megatron.core.enums import ModelType
     from megatron.core.transformer.enums import AttnBackend
@@ -32,10 +49,10 @@ def megatron_lm_args(arch, *, tp, pp, world, padded, tokenizer_model, dtype):
         rotary_percent=1.0, rotary_interleaved=False, rotary_seq_len_interpolation_factor=None,
         use_rope_scaling=False, rope_scaling_factor=8.0, normalization="RMSNorm",
         layernorm_epsilon=arch.norm_epsilon, apply_layernorm_1p=False, swiglu=True, squared_relu=False,
-        add_bias_linear=False, add_qkv_bias=False, qk_layernorm=False,
+        add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_layernorm,
         untie_embeddings_and_output_weights=not arch.tie_word_embeddings, make_vocab_size_divisible_by=128,
         padded_vocab_size=padded, vocab_size=None, tokenizer_type="HuggingFaceTokenizer",
-        tokenizer_model=tokenizer_model, multi_latent_attention=False, num_experts=None, mtp_num_layers=None,
+        tokenizer_model=tokenizer_model, multi_latent_attention=False, mtp_num_layers=None,
         hybrid_layer_pattern=None, heterogeneous_layers_config_path=None, spec=None, window_size=None,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, world_size=world,
         data_parallel_size=world // (tp * pp), params_dtype=getattr(torch, dtype), bf16=dtype == "bfloat16",
@@ -43,13 +60,15 @@ def megatron_lm_args(arch, *, tp, pp, world, padded, tokenizer_model, dtype):
         attention_backend=AttnBackend.auto, model_type=ModelType.encoder_or_decoder,
         exit_signal=signal.SIGTERM, ckpt_format="torch_dist", transformer_impl="transformer_engine",
         train_iters=1000, lr=3e-4, data_path=["/data/corpus_text_document"], consumed_train_samples=6400,
+        **moe_args(arch, ep),
     )
 
 
 def main():
     src, root, tp, pp, it = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     dtype = sys.argv[6] if len(sys.argv) > 6 else "float32"
-    rt = init_runtime(tp=tp, pp=pp)
+    ep = int(sys.argv[7]) if len(sys.argv) > 7 else 1
+    rt = init_runtime(tp=tp, pp=pp, ep=ep)
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -64,7 +83,7 @@ def main():
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     state = {
         "args": megatron_lm_args(arch, tp=tp, pp=pp, world=rt.world_size, padded=padded[0], tokenizer_model=src,
-                                 dtype=dtype),
+                                 dtype=dtype, ep=ep),
         "checkpoint_version": 3.0,
         "iteration": it,
         "model": model.sharded_state_dict(),
