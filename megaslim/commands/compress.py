@@ -5,8 +5,8 @@ Each round prunes the previous round's distilled student (the first round: `mode
 target and distills it from the original teacher (or the previous round's model, `compress.teacher`).
 Every stage writes its results under <output_dir>/round<N>/; a rerun skips finished stages and resumes
 an interrupted distillation. Optional: teacher correction first (`compress.teacher_correction_iters`),
-a parameter budget instead of a shape (`prune.target_params`, one round), and lm-evaluation-harness
-tasks on every HF export (`compress.lm_eval_tasks`). `--dry-run` plans the run instead
+a parameter budget instead of a shape (`prune.target_params` or `target_active_params`, one round), and
+lm-evaluation-harness tasks on every HF export (`compress.lm_eval_tasks`). `--dry-run` plans the run instead
 (megaslim.commands.plan).
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from megaslim.commands import distill as distill_cmd
 from megaslim.commands import plan as plan_cmd
 from megaslim.commands import prune as prune_cmd
 from megaslim.config import Config, check_output_dir_writable, validate, validate_compress
+from megaslim.config.validate import search_budget_key
 from megaslim.errors import MegaslimError
 from megaslim.figures import pyplot, save_png
 from megaslim.prune.apply import reinit_parallel
@@ -87,8 +88,8 @@ def check(cfg: Config) -> tuple[ParallelLayout, list]:
     validate_compress(cfg)
     rounds = list(cfg.compress.rounds) or [cfg.prune.export_config]
     arch = source_arch(resolve_source(cfg.model.load))
-    distill_cmd.refuse_moe(arch, "model.load")  # every round distills
-    if cfg.prune.target_params is not None:
+    distill_cmd.check_moe_student(cfg, arch, layout.tp, "model.load")  # every round distills it (or its pruning)
+    if search_budget_key(cfg.prune) is not None:  # target_params or target_active_params
         prune_cmd.search_candidates(cfg, arch)
     for i, target in enumerate(rounds):
         try:

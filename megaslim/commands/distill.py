@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -102,18 +102,26 @@ def _validate_teacher(cfg: Config, layout: ParallelLayout) -> Inputs:
     key = "distill.teacher.load" if cfg.distill.teacher.load else "model.load"
     src = resolve_source(cfg.distill.teacher.load or cfg.model.load, key)
     arch = source_arch(src)
-    refuse_moe(arch, "the teacher")
-    check_parallel_layout(arch, layout.tp, layout.pp)
+    check_parallel_layout(arch, layout.tp, layout.pp)  # an MoE teacher runs at any layout (eval, no aux loss)
     check_positions(arch, cfg.data.seq_length, "the teacher")
     return Inputs(layout, load_tokenizer(cfg.model, src), arch, teacher_src=src)
 
 
-def refuse_moe(arch, who: str) -> None:
-    """Distilling mixtures of experts is not built yet (the router's load-balancing loss would be added
-    unlogged): refused before any weight is read. Pruning them works (docs/moe.md)."""
-    if arch.is_moe:
-        raise MegaslimError(f"{who} is a mixture of experts ({arch.num_moe_experts} experts): distillation of "
-                            "MoE models is not supported yet; launch/prune.py prunes them (docs/moe.md)")
+def check_moe_student(cfg: Config, arch: ModelArch, tp: int, who: str = "the student") -> None:
+    """What an MoE student cannot do yet, and distill.moe_aux_loss_coeff without one: refused before any
+    weight is read."""
+    coeff = cfg.distill.moe_aux_loss_coeff
+    if not arch.is_moe:
+        if coeff is not None:
+            raise MegaslimError(f"distill.moe_aux_loss_coeff={coeff} is set but {who} is not a mixture of "
+                                "experts (it has no router); unset it")
+        return
+    if tp > 1:
+        raise MegaslimError(
+            f"{who} is a mixture of experts: it trains at TP=1 (got parallel.tensor_model_parallel_size={tp}); "
+            "megatron-core trains MoE layers under tensor parallelism only with sequence parallelism, which "
+            "megaslim does not use yet. Use parallel.expert_model_parallel_size, pipeline or data parallelism "
+            "(an MoE teacher may use any TP)")
 
 
 def _validate_student(cfg: Config, inp: Inputs) -> None:
@@ -121,7 +129,6 @@ def _validate_student(cfg: Config, inp: Inputs) -> None:
     if cfg.distill.student.load:
         inp.student_src = resolve_source(cfg.distill.student.load, "distill.student.load")
         inp.student_arch = source_arch(inp.student_src)
-        refuse_moe(inp.student_arch, "the student")
         check_positions(inp.student_arch, cfg.data.seq_length, "the student")
         if inp.student_src.tokenizer_dir is not None and cfg.model.tokenizer is None:
             st = load_tokenizer(cfg.model, inp.student_src)
@@ -144,6 +151,7 @@ def _check_pair(cfg: Config, inp: Inputs) -> None:
     if s.vocab_size != t.vocab_size:
         raise MegaslimError(f"teacher vocab {t.vocab_size} != student vocab {s.vocab_size}")
     check_parallel_layout(s, layout.tp, layout.pp)
+    check_moe_student(cfg, s, layout.tp)
     resolve_pairs(cfg, s, t, layout.pp)
     teacher_runs = inp.store is None and not lm_only(cfg)
     inp.fp8 = fp8.check_fp8(cfg, archs=[("student", s)] + ([("teacher", t)] if teacher_runs else []), tp=layout.tp)
@@ -225,6 +233,7 @@ class Built:
     tokenizer_dir: object
     resumed: bool
     out: Path
+    last: dict = field(default_factory=dict)  # the last step's metrics this process ran
 
     @property
     def metrics(self) -> Path:
@@ -388,13 +397,14 @@ def _steps(cfg: Config, b: Built, last_eval: float, timer: Timer) -> float:
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     while trainer.step < stop_at:
         t0 = time.time()
-        m = trainer.train_step(step_batches(b.data, trainer.num_micro))
+        m = b.last = trainer.train_step(step_batches(b.data, trainer.num_micro))
         dt = time.time() - t0
         finite_or_raise(m["loss"], trainer.step, trainer.ckpt_root)
         record = {"step": trainer.step, **m, "tokens": trainer.consumed_samples * cfg.data.seq_length,
                   "tokens_per_s": tokens_per_step / dt}
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens_per_step / dt:.0f}")
+        bar.set_postfix(loss=f"{m['loss']:.4f}", **({"aux": f"{m['moe_aux_loss']:.4f}"} if "moe_aux_loss" in m else {}),
+                        tok_s=f"{tokens_per_step / dt:.0f}")
         if cfg.eval.interval and trainer.step % cfg.eval.interval == 0 or trainer.step == stop_at or \
                 _exits(cfg, trainer.step):
             last_eval = record["eval_loss"] = trainer.evaluate(b.models.student, b.models.student_arch)["loss"]
@@ -465,6 +475,9 @@ def report(cfg: Config, inp: Inputs, b: Built, losses: Losses, timer: Timer) -> 
             divisible_by=cfg.model.make_vocab_size_divisible_by, tokenizer_dir=b.tokenizer_dir))
     result["mode"] = "offline" if inp.store is not None else ("lm" if trainer.lm_only else "online")
     result["fp8"] = cfg.distill.fp8
+    if trainer.router_aux is not None:  # MoE student: the coefficient applied, and the last step's values
+        result["router_aux_loss"] = {"coeff": trainer.router_aux.coeff, "kept": trainer.router_aux.kept,
+                                     **{k: v for k, v in b.last.items() if k.startswith("moe_")}}
     gap = losses.start - losses.teacher if losses.teacher is not None else 0.0
     result["gap_recovered"] = (losses.start - losses.end) / gap if gap > 0 else None
     if b.rt.is_rank0:
@@ -489,6 +502,7 @@ def _summary(cfg: Config, b: Built, result: dict, timer: Timer) -> None:
         ("teacher", f"{b.teacher_label} ({teacher_arch.num_params():,} params)"),
         ("mode", result["mode"] + (f", fp8={cfg.distill.fp8}" if cfg.distill.fp8 else "")),
         ("student", f"{result['student_params']:,} params"),
+        *([("router aux loss", b.trainer.router_aux.describe())] if b.trainer.router_aux is not None else []),
         ("steps / tokens", f"{result['steps']} / {result['tokens']:,}"),
         ("held-out loss: teacher", teacher_loss if teacher_loss is not None else "-"),
         ("held-out loss: student start -> end",

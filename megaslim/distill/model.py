@@ -11,6 +11,7 @@ final hidden states [s, b, h] instead of their logits; the loss runs the output 
 `fp8` (a `megaslim.distill.fp8.Fp8Context`) runs both forwards of a micro-batch in one FP8 autocast
 region; the student's FP8 weight cache is refreshed at the first micro-batch of each step (megatron's
 schedules call `set_is_first_microbatch`), the frozen teacher's is made once and reused.
+`RouterAuxLoss`: an MoE student's load-balancing loss coefficient, and its per-step values (docs/moe.md).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from megaslim.distill.chunked import final_hidden_states
 from megaslim.distill.fp8 import reset_weight_cache
+from megaslim.errors import MegaslimError
 
 
 class DistillModel(torch.nn.Module):
@@ -93,3 +95,81 @@ class DistillModel(torch.nn.Module):
         """Widen megatron's p2p shapes (s, b, h_student) to (s, b, h_student + h_teacher)."""
         widen = lambda shapes: [(s[0], s[1], s[2] + self.h_t) if s is not None else None for s in shapes]  # noqa: E731
         return widen(recv_shapes), widen(send_shapes)
+
+
+# -- the student router's load-balancing loss (MoE students) ----------------------------------------
+# megatron-core's router adds its aux loss to the gradient inside its own forward (MoEAuxLossAutoScaler:
+# the loss rides on the routing probabilities, its backward scale set by the pipeline schedule to
+# grad_scale / num_microbatches), so the KD loss never contains it; it only records the unscaled value per
+# layer in a process-global tracker. The teacher never adds to it: eval mode under no_grad skips both the
+# aux and the z-loss (router.py: `self.training and torch.is_grad_enabled()`).
+_TRACKED = {"load_balancing_loss": "moe_aux_loss", "z_loss": "moe_z_loss"}  # megatron name -> metrics key
+
+
+class RouterAuxLoss:
+    """The aux-loss coefficient applied to an MoE student (`distill.moe_aux_loss_coeff`; unset: the
+    student's own, HF `router_aux_loss_coef`; 0: off) and the per-step values read back from megatron."""
+
+    def __init__(self, student, coeff: float):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.coeff = float(coeff)
+        self.num_layers = student.config.num_layers  # every layer is an MoE layer (docs/moe.md)
+        self.device = next(student.parameters()).device  # where the collective runs (CPU under gloo)
+        kind = "aux_loss" if self.coeff else "none"
+        for m in student.modules():
+            if isinstance(m, TopKRouter):  # the router reads both at every forward (routing_type: at build)
+                m.config.moe_aux_loss_coeff, m.config.moe_router_load_balancing_type = self.coeff, kind
+                m.routing_type = kind
+        student.config.moe_aux_loss_coeff, student.config.moe_router_load_balancing_type = self.coeff, kind
+
+    @classmethod
+    def for_student(cls, student, arch, coeff) -> "RouterAuxLoss | None":
+        """None for a dense student; `coeff` None keeps the arch's coefficient."""
+        if not arch.is_moe:
+            return None
+        return cls(student, arch.moe_aux_loss_coeff if coeff is None else coeff)
+
+    @property
+    def kept(self) -> bool:
+        return self.coeff > 0
+
+    def describe(self) -> str:
+        return f"coeff {self.coeff:g} ({'kept' if self.kept else 'off'})"
+
+    def check_resume(self, extra: dict, root) -> None:
+        """A run resumes with the coefficient it was saved with (checkpoint extra `moe_aux_loss_coeff`)."""
+        saved = extra.get("moe_aux_loss_coeff")
+        if saved is not None and float(saved) != self.coeff:
+            raise MegaslimError(f"resume: {root} was trained with the router aux-loss coefficient {saved:g}, this "
+                                f"config gives {self.coeff:g}; set distill.moe_aux_loss_coeff={saved:g} or use "
+                                "another output_dir")
+
+    @staticmethod
+    def clear() -> None:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()
+
+    def metrics(self, num_micro: int) -> dict:
+        """This step's values, the same on every rank: per MoE layer and micro-batch, averaged over DP
+        (megatron's logging convention); summed over PP stages (each holds its own layers). Collective."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        dp, tp = ps.get_data_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+        vec = torch.zeros(2 * len(_TRACKED), dtype=torch.float64)
+        for i, name in enumerate(_TRACKED):
+            entry = tracker.get(name)
+            if entry is None:
+                continue
+            # TP ranks hold the same tokens (no sequence parallelism): average them too
+            vec[2 * i] = entry["values"].double().sum().cpu() / (self.num_layers * num_micro * dp * tp)
+            vec[2 * i + 1] = 1.0
+        vec = vec.to(self.device)
+        dist.all_reduce(vec)
+        vec = vec.cpu()
+        self.clear()
+        return {key: vec[2 * i].item() for i, key in enumerate(_TRACKED.values()) if vec[2 * i + 1] > 0}

@@ -16,7 +16,7 @@ from megaslim import checkpoint as ckpt
 from megaslim import io as mio
 from megaslim.config import Config
 from megaslim.distill import chunked, fp8, losses
-from megaslim.distill.model import DistillModel
+from megaslim.distill.model import DistillModel, RouterAuxLoss
 from megaslim.errors import MegaslimError
 from megaslim.eval import evaluate_rows
 from megaslim.figures import pyplot, save_png
@@ -170,6 +170,8 @@ class Trainer:
         student = models.student
         student.train()
         self.sparsity = MaskKeeper.from_checkpoint(student, student_checkpoint)  # None: dense; applied now
+        # MoE student: its router's load-balancing loss, set explicitly (None: dense); docs/moe.md
+        self.router_aux = RouterAuxLoss.for_student(student, models.student_arch, cfg.distill.moe_aux_loss_coeff)
         self.projection = attach_projection(cfg, models)  # in DDP's buffers and the optimizer, see PROJECTION
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=self.dp > 1)
@@ -237,6 +239,8 @@ class Trainer:
                  "global_batch_size": self.cfg.train.global_batch_size, "kind": "distill",
                  "projection": needs_projection(self.cfg, self.models.student_arch, self.models.teacher_arch),
                  "run": self.run_state, **({"sparsity": self.sparsity.record} if self.sparsity is not None else {})}
+        if self.router_aux is not None:
+            extra["moe_aux_loss_coeff"] = self.router_aux.coeff
         return ckpt.save_checkpoint(self.models.student, self.models.student_arch, self.ckpt_root, self.step,
                                     tokenizer_dir=self.tokenizer_dir, extra=extra,
                                     sharded_extra={"optimizer": self._optimizer_sharded(False),
@@ -257,6 +261,8 @@ class Trainer:
         sparse = check_resume(meta, self.sparsity, self.ckpt_root)  # a sparse run resumes with its masks only
         check_projection_resume(extra, needs_projection(self.cfg, self.models.student_arch, self.models.teacher_arch),
                                 self.ckpt_root)
+        if self.router_aux is not None:
+            self.router_aux.check_resume(extra, self.ckpt_root)
         prepare_distributed_optimizer_for_load(self.optimizer)
         meta = ckpt.load_into(self.models.student, self.ckpt_root, arch=self.models.student_arch,
                               sharded_extra={"optimizer": self._optimizer_sharded(True), **self._projection_extra(),
@@ -310,6 +316,8 @@ class Trainer:
         s_layers, t_layers = [p[0] for p in self.pairs], [p[1] for p in self.pairs]
         last = ps.is_pipeline_last_stage()
         self._s_cap = _Capture(self.models.student, s_layers) if last and self.pairs else None
+        if self.router_aux is not None:
+            self.router_aux.clear()  # the tracker then holds this step's micro-batches only
         self._t_cap = _Capture(self.models.teacher, t_layers) if last and self.pairs else None
         try:
             out = get_forward_backward_func()(
@@ -328,7 +336,8 @@ class Trainer:
         self.scheduler.step(increment=t.global_batch_size)
         self.step += 1
         self.consumed_samples += t.global_batch_size
-        return self._reduce_metrics(out if last else [], grad_norm)
+        aux = self.router_aux.metrics(len(micro_batches)) if self.router_aux is not None else {}
+        return {**self._reduce_metrics(out if last else [], grad_norm), **aux}
 
     def _reduce_metrics(self, outs: list[dict], grad_norm) -> dict:
         """Mean over micro-batches and DP replicas, the same on every rank."""
