@@ -194,6 +194,17 @@ def test_prune_validate_refuses_more_blocks_than_layers_to_drop(deep_llama, tmp_
         prune_cmd.validate(cfg)
 
 
+def test_distill_validate_refuses_more_blocks_than_layers_to_drop(tiny_llama_tok, tmp_path):
+    """distill prunes its default student from the teacher: the same joint-depth check, in its validation."""
+    from megaslim.commands import distill as distill_cmd
+
+    cfg = load_config(None, [f"model.load={tiny_llama_tok}", f"output_dir={tmp_path / 'o'}", "data.seq_length=16",
+                             "prune.layer_metric=block_loss", "prune.export_config.num_layers=2",
+                             "prune.layer_blocks=3", "model.transformer_impl=local"])
+    with pytest.raises(MegaslimError, match="prune.layer_blocks=3 is more blocks than the 2 layers to drop"):
+        distill_cmd.validate(cfg)
+
+
 def test_saved_scores_rebuild_the_same_plan(deep, tmp_path):
     model, arch, rows = deep
     target = replace(arch, num_layers=3)

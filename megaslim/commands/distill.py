@@ -143,6 +143,8 @@ def _validate_student(cfg: Config, inp: Inputs) -> None:
         inp.student_arch = inp.plan.target_arch
         return
     inp.student_arch = target_shape(inp.teacher_arch, cfg.prune.export_config, tp=inp.layout.tp, hf_export=False)
+    if not cfg.importance.scores_path:  # the importance pass's joint-depth checks, now (as prune's validate)
+        depth_kwargs(cfg.prune, cfg.importance.layer_metrics, inp.teacher_arch.num_layers, None)
 
 
 def _check_pair(cfg: Config, inp: Inputs) -> None:
