@@ -39,7 +39,7 @@ from megaslim.sources import load_model, resolve_source  # noqa: E402
 from megaslim.tokenizer import load_tokenizer  # noqa: E402
 
 SECTION = "## KD step vs a hand-written loop"
-LOOPS = ("megaslim", "before", "hand")  # before: megaslim before issue 18 (megatron attention, old KL)
+LOOPS = ("megaslim", "before", "hand")  # before: megaslim before issue 18 (megatron attention + RoPE, old KL)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,18 +148,21 @@ def megatron_cores(models) -> dict:
 
 @contextmanager
 def before_issue18(lp):
-    """megaslim's loop with megatron's own attention in both models and the old fused KL."""
+    """megaslim's loop with megatron's own attention and RoPE in both models and the old fused KL."""
+    from megatron.core.transformer import attention
+
     from megaslim.distill import losses
 
     saved = {attn: attn.core_attention for attn in lp.old_cores}
-    kl, prep = losses._ForwardKL, losses._prepare
+    kl, prep, rope = losses._ForwardKL, losses._prepare, attention.apply_rotary_pos_emb
     for attn, core in lp.old_cores.items():
         attn.core_attention = core
     losses._ForwardKL, losses._prepare = _OldForwardKL, _old_prepare
+    attention.apply_rotary_pos_emb = getattr(rope, "original", rope)  # megatron's unfused RoPE (model/rope.py)
     try:
         yield
     finally:
-        losses._ForwardKL, losses._prepare = kl, prep
+        losses._ForwardKL, losses._prepare, attention.apply_rotary_pos_emb = kl, prep, rope
         for attn, core in saved.items():
             attn.core_attention = core
 
@@ -275,20 +278,23 @@ def measure(lp: Loops, repeats: int) -> dict:
         if key[1] == "KD step":
             fn()
     times = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}  # process CPU seconds: less sensitive than wall time to other jobs' load
     peaks = dict.fromkeys(LOOPS, 0.0)
     bases = dict.fromkeys(LOOPS, 0.0)
     order = list(fns)
     for r in range(repeats):
         for key in (order if r % 2 == 0 else order[::-1]):
             with RssPeak() as rss:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fns[key]()
                 times[key].append(time.perf_counter() - t0)
+                cpu[key].append(time.process_time() - c0)
             if key[1] == "KD step":
                 peaks[key[0]] = max(peaks[key[0]], rss.peak)
                 bases[key[0]] = max(bases[key[0]], rss.base)
     return {"median_s": {f"{k[0]}|{k[1]}": statistics.median(v) for k, v in times.items()},
             "all_s": {f"{k[0]}|{k[1]}": v for k, v in times.items()},
+            "median_cpu_s": {f"{k[0]}|{k[1]}": statistics.median(v) for k, v in cpu.items()},
             "peak_rss_mb": peaks, "rss_before_mb": bases}
 
 
@@ -371,11 +377,12 @@ def run_one(args) -> dict:
     return res
 
 
-NAMES = {"megaslim": "megaslim", "before": "megaslim before (megatron attention, old KL)", "hand": "hand-written"}
+NAMES = {"megaslim": "megaslim", "before": "megaslim before (megatron attention + RoPE, old KL)",
+         "hand": "hand-written"}
 
 
 def shape_rows(res: dict) -> list[str]:
-    med = res["median_s"]
+    med, cpu = res["median_s"], res["median_cpu_s"]
     tokens = res["batch"] * res["seq"]
     shape = f"{res['batch']} x {res['seq']}"
     rows = []
@@ -383,11 +390,11 @@ def shape_rows(res: dict) -> list[str]:
         kd, st, te = (med[f"{loop}|{m}"] for m in ("KD step", "student step", "teacher forward"))
         peak, base = res["peak_rss_mb"][loop], res["rss_before_mb"][loop]
         rows.append(f"| {shape} | {NAMES[loop]} | {kd:.3f} | {tokens / kd:,.0f} | {st:.3f} | {te:.3f} | "
-                    f"{kd / (st + te):.2f} | {peak:,.0f} (+{peak - base:,.0f}) |")
-    hand = med["hand|KD step"]
+                    f"{kd / (st + te):.2f} | {peak:,.0f} (+{peak - base:,.0f}) | {cpu[f'{loop}|KD step']:.3f} |")
+    hand, hand_cpu = med["hand|KD step"], cpu["hand|KD step"]
     for loop in ("megaslim", "before"):
         rows.append(f"| {shape} | **{NAMES[loop]} / hand-written** | **{med[f'{loop}|KD step'] / hand:.2f}x** "
-                    "| | | | | |")
+                    f"| | | | | | **{cpu[f'{loop}|KD step'] / hand_cpu:.2f}x** |")
     return rows
 
 
@@ -418,12 +425,14 @@ def report(args, results: list[dict]) -> str:
              "the nine measurements interleaved in one process (order reversed every other round) and the ratios, "
              f"not the absolute seconds, are the result. Median of {args.repeats} rounds after a warm-up KD step "
              "of each loop. \"megaslim before\" is the same megaslim loop with megatron's DotProductAttention "
-             "swapped back into both models and the fused KL as it was before issue 18.", "",
+             "and unfused RoPE swapped back into both models and the fused KL as it was before issue 18. "
+             "KD step CPU s: the process's CPU time (all its threads) for the step, median; it counts work, not "
+             "waiting for a core, so it moves less with the machine's load than the wall time.", "",
              "Student step = the same loop with the teacher replaced by free zero logits (same loss code). Peak RSS: "
              "the process's peak resident memory sampled during that loop's KD steps (both loops' models are loaded "
              "in the one process), in brackets the rise over the RSS at the step's start.", "",
              "| shape | loop | KD step (s) | tokens/s | student step (s) | teacher fwd (s) | KD / (student + teacher) "
-             "| peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MiB | KD step CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         lines += shape_rows(res)
     lines.append("")
@@ -446,14 +455,20 @@ def main(argv=None):
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True))
         if not args.parallel:
             procs[-1].wait()
-    results = []
-    for p in procs:
+    results, failed = [], []
+    for p in procs:  # a shape that dies (e.g. killed for memory) does not discard the others' results
         out, _ = p.communicate()
         if p.returncode:
-            raise SystemExit(f"{p.args} exited {p.returncode}")
+            failed.append(f"{p.args[p.args.index('--one') + 1]} exited {p.returncode}")
+            continue
         results.append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
+        print(out.splitlines()[-1], flush=True)
+    if not results:
+        raise SystemExit("error: every shape failed: " + "; ".join(failed))
     text = report(args, results)
     print(text)
+    for f in failed:
+        print(f"shape {f}", file=sys.stderr)
     replace_section(Path(args.out), SECTION, text)
     (Path(args.out).with_suffix(".json")).write_text(json.dumps(results, indent=1))
 

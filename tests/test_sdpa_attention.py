@@ -1,7 +1,8 @@
 """model.core_attention=sdpa (torch's scaled_dot_product_attention in the local spec) against megatron's
 own DotProductAttention: same logits and gradients (fp32, 1e-5) on GQA Llama, QK-norm Qwen3 and
 LayerNorm1P Nemotron at TP=1, and at TP=2 / PP=2; decode-step and explicit-mask paths; dropout refused;
-importance scores unchanged (head hooks read linear_proj's input, which stays)."""
+importance scores unchanged (head hooks read linear_proj's input, which stays). megaslim's one-op RoPE
+(model/rope.py) equals megatron's bit for bit, alone and in a whole model's logits and gradients."""
 from dataclasses import replace
 
 import pytest
@@ -115,6 +116,67 @@ def test_importance_scores_unchanged(sources, megatron_tp1):
     for field in ("heads", "query_groups", "neurons", "channels", "layer_bi"):
         a, b = getattr(scores["local"], field), getattr(scores["sdpa"], field)
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), field
+
+
+def _freqs(seq, dim, base=10000.0):
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+    f = torch.outer(torch.arange(seq).float(), inv)
+    return torch.cat((f, f), -1)[:, None, None, :]  # megatron's layout: [s, 1, 1, rot_dim]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mscale", [1.0, 0.7])
+def test_rope_equals_megatron_bit_for_bit(dtype, mscale):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megaslim.model.rope import apply_rotary
+
+    torch.manual_seed(0)
+    t = torch.randn(24, 2, 5, 16, dtype=dtype)[:, :, 1:4]  # a strided view, like megatron's key
+    freqs = _freqs(24, 16)
+    a, b = (t.detach().clone().requires_grad_() for _ in range(2))
+    ref, got = _apply_rotary_pos_emb_bshd(a, freqs, mscale=mscale), apply_rotary(b, freqs, mscale)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    got.backward(grad)
+    assert torch.equal(got, ref) and got.stride() == ref.stride()
+    assert torch.equal(b.grad, a.grad)
+
+
+def test_rope_routes_only_the_plain_case(megatron_tp1):
+    from megatron.core.transformer import attention
+
+    from megaslim.model.rope import install
+
+    install()
+    fast, original = attention.apply_rotary_pos_emb, attention.apply_rotary_pos_emb.original
+    _, _, cfg = _cores_pair()
+    torch.manual_seed(0)
+    t = torch.randn(10, 2, 8, 16)
+    for config, freqs in ((cfg, _freqs(10, 16)), (cfg, _freqs(10, 8)),  # plain; rotary_percent < 1
+                          (replace(cfg, rotary_interleaved=True), _freqs(10, 16))):
+        assert torch.equal(fast(t, freqs, config), original(t, freqs, config))
+
+
+def test_model_with_fast_rope_equals_megatron_rope_bit_for_bit(sources, tokens, megatron_tp1):
+    """The whole model (GQA Llama): logits and every gradient identical with megatron's RoPE swapped back."""
+    from megatron.core.transformer import attention
+
+    model, _, _ = _load(sources["llama"], "sdpa")
+    model.train()
+    fast = attention.apply_rotary_pos_emb
+    runs = []
+    for rope in (fast, fast.original):
+        attention.apply_rotary_pos_emb = rope
+        try:
+            model.zero_grad(set_to_none=True)
+            logits = _logits(model, tokens)
+            torch.nn.functional.log_softmax(logits, -1).mean().backward()
+        finally:
+            attention.apply_rotary_pos_emb = fast
+        runs.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
 @pytest.mark.dist

@@ -121,6 +121,9 @@ def layer_spec(impl: str, config, arch: ModelArch, core_attention: str = "local"
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == "local":
+        from megaslim.model.rope import install as install_rope
+
+        install_rope()  # megatron's unfused RoPE as one op, bit-equal (model/rope.py); TE specs keep theirs
         if arch.normalization == "LayerNorm1P":
             spec = _local_layer_norm_1p_block(config, arch)
         else:

@@ -5,7 +5,7 @@ masked softmax and dropout; SDPA fuses them (flash / memory-efficient kernels on
 kernel on CPU). It plugs in as `submodules.core_attention` of the self-attention spec; megatron-core is
 not edited. Same interface and masking as `DotProductAttention`: causal at prefill/training (sq == sk),
 no mask for a one-token decode step (sq == 1, KV cache), an explicit boolean mask (True = masked out)
-when one is passed; GQA by repeating key/value groups as megatron does.
+when one is passed; GQA by SDPA's enable_gqa on CPU, by repeating key/value groups (as megatron does) on GPU.
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
+
+# SDPA's enable_gqa argument exists from torch 2.5 (megaslim supports torch >= 2.4)
+_GQA_IN_SDPA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def _check_config(config, attn_mask_type: AttnMaskType, dropout: float) -> None:
@@ -68,7 +71,11 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("model.core_attention=sdpa supports neither packed sequences nor attention bias")
         rep = self.heads // self.groups
-        if rep > 1:  # megatron's own GQA expansion; works with every SDPA kernel (enable_gqa does not)
+        # GQA: on CPU the fused kernel reads each key/value group for its heads (enable_gqa; no repeated
+        # copies, and no sum over them in backward). On GPU enable_gqa rules out the memory-efficient and
+        # cuDNN kernels (fp32 would fall back to the math one), so megatron's own expansion stays there.
+        gqa = rep > 1 and _GQA_IN_SDPA and query.device.type == "cpu"
+        if rep > 1 and not gqa:
             key, value = key.repeat_interleave(rep, dim=2), value.repeat_interleave(rep, dim=2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         sq, sk = q.shape[2], k.shape[2]
@@ -79,7 +86,9 @@ class SDPAttention(MegatronModule):
             if sq != sk:
                 raise ValueError(f"model.core_attention=sdpa: causal attention needs sq == sk (got {sq}, {sk})")
             causal = True
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+        kw = {"enable_gqa": True} if gqa else {}
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+                                             **kw)
         return ctx.permute(2, 0, 1, 3).reshape(sq, query.shape[1], self.hidden_per_partition)
 
 
