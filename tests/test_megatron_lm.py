@@ -128,35 +128,24 @@ def test_hostile_common_pt_refused_nothing_executed(mlm_root, tmp_path, evil):
     assert not marker.exists()
 
 
+# (option, value, the words the refusal must hold, num_experts): MoE-only options count with --num-experts set
 @pytest.mark.dist
-@pytest.mark.parametrize("option,value,named", [
-    ("multi_latent_attention", True, "MLA"),
-    ("mtp_num_layers", 1, "multi-token prediction"),
-    ("hybrid_layer_pattern", "M*M*", "Mamba"),
-    ("add_bias_linear", True, "biases"),
-    ("normalization", "LayerNorm", "apply-layernorm-1p"),
-    ("position_embedding_type", "learned_absolute", "RoPE"),
+@pytest.mark.parametrize("option,value,named,experts", [
+    ("multi_latent_attention", True, "MLA", None),
+    ("mtp_num_layers", 1, "multi-token prediction", None),
+    ("hybrid_layer_pattern", "M*M*", "Mamba", None),
+    ("add_bias_linear", True, "biases", None),
+    ("normalization", "LayerNorm", "apply-layernorm-1p", None),
+    ("position_embedding_type", "learned_absolute", "RoPE", None),
+    ("moe_layer_freq", [1, 0, 1, 0], "mixed dense and MoE", 4),
+    ("moe_router_group_topk", 2, "grouped top-k", 4),
+    ("moe_expert_capacity_factor", 1.25, "token dropping", 4),
+    ("moe_router_score_function", "sigmoid", "non-softmax", 4),
+    ("moe_router_enable_expert_bias", True, "expert bias", 4),
 ])
-def test_inexpressible_options_refused_by_name_before_tensors(mlm_root, tmp_path, option, value, named):
+def test_inexpressible_options_refused_by_name_before_tensors(mlm_root, tmp_path, option, value, named, experts):
     common = _common(mlm_root / f"iter_{ITER:07d}")
-    setattr(common["args"], option, value)
-    root = _copy_with_common(mlm_root / f"iter_{ITER:07d}", tmp_path / "run", common, data=False)
-    with pytest.raises(MegaslimError, match=f"{option}=.*{named}") as err:
-        resolve_source(str(root))
-    assert "\n" not in str(err.value)
-
-
-@pytest.mark.dist
-@pytest.mark.parametrize("option,value,named", [
-    ("moe_layer_freq", [1, 0, 1, 0], "mixed dense and MoE"),
-    ("moe_router_group_topk", 2, "grouped top-k"),
-    ("moe_expert_capacity_factor", 1.25, "token dropping"),
-    ("moe_router_score_function", "sigmoid", "non-softmax"),
-    ("moe_router_enable_expert_bias", True, "expert bias"),
-])
-def test_inexpressible_moe_options_refused_by_name_before_tensors(mlm_root, tmp_path, option, value, named):
-    common = _common(mlm_root / f"iter_{ITER:07d}")
-    common["args"].num_experts = 4
+    common["args"].num_experts = experts
     setattr(common["args"], option, value)
     root = _copy_with_common(mlm_root / f"iter_{ITER:07d}", tmp_path / "run", common, data=False)
     with pytest.raises(MegaslimError, match=f"{option}=.*{named}") as err:
