@@ -22,6 +22,7 @@ import torch
 from megaslim.distill.chunked import final_hidden_states
 from megaslim.distill.fp8 import reset_weight_cache
 from megaslim.errors import MegaslimError
+from megaslim.runtime import ParallelLayout
 
 
 class DistillModel(torch.nn.Module):
@@ -115,7 +116,6 @@ class RouterAuxLoss:
 
         self.coeff = float(coeff)
         self.num_layers = student.config.num_layers  # every layer is an MoE layer (docs/moe.md)
-        self.device = next(student.parameters()).device  # where the collective runs (CPU under gloo)
         kind = "aux_loss" if self.coeff else "none"
         for m in student.modules():
             if isinstance(m, TopKRouter):  # the router reads both at every forward (routing_type: at build)
@@ -154,7 +154,6 @@ class RouterAuxLoss:
     def metrics(self, num_micro: int) -> dict:
         """This step's values, the same on every rank: per MoE layer and micro-batch, averaged over DP
         (megatron's logging convention); summed over PP stages (each holds its own layers). Collective."""
-        import torch.distributed as dist
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
@@ -168,8 +167,6 @@ class RouterAuxLoss:
             # TP ranks hold the same tokens (no sequence parallelism): average them too
             vec[2 * i] = entry["values"].double().sum().cpu() / (self.num_layers * num_micro * dp * tp)
             vec[2 * i + 1] = 1.0
-        vec = vec.to(self.device)
-        dist.all_reduce(vec)
-        vec = vec.cpu()
+        vec = ParallelLayout.all_reduce(vec)  # the world: sums the PP stages, the DP/TP shares above
         self.clear()
         return {key: vec[2 * i].item() for i, key in enumerate(_TRACKED.values()) if vec[2 * i + 1] > 0}
