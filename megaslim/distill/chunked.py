@@ -120,19 +120,32 @@ def _chunks(x: Optional[torch.Tensor], rows: int, n: int, *, batch_major: bool =
     return [c.contiguous() for c in x.transpose(0, 1).split(rows, dim=0)]
 
 
+def _seq_major(batch: dict) -> list:
+    """The loss inputs of a [b, s] micro-batch in the hidden states' [s, b] layout (None where absent)."""
+    return [None if batch.get(k) is None else batch[k].transpose(0, 1).contiguous()
+            for k in ("loss_mask", "labels", "teacher_topk_idx", "teacher_topk_logp")]
+
+
 def chunked_logit_losses(spec: LogitLoss, *, student, s_hidden: torch.Tensor, teacher=None,
-                         t_hidden: Optional[torch.Tensor] = None, batch: dict, chunk_tokens: int
+                         t_hidden: Optional[torch.Tensor] = None, batch: dict, chunk_tokens: int = 0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """`logit_losses` from the final hidden states [s, b, h] of the student (and teacher: None for
-    offline top-k or no KD term), `chunk_tokens` tokens (whole sequence positions of the micro-batch,
-    at least one) at a time. Every TP rank runs the same chunks in the same order, forward and
-    recompute alike (early stop off), so the collectives inside the loss line up."""
+    offline top-k or no KD term). `chunk_tokens` 0: the whole micro-batch at once, nothing recomputed;
+    the logits stay in megatron's [s, b, V/TP] order (GPTModel's forward copies both models' logits to
+    [b, s, V/TP], and the student's gradient back: three [tokens, vocab] copies a step that only the
+    small [b, s] masks need instead). Else `chunk_tokens` tokens (whole sequence positions of the
+    micro-batch, at least one) at a time. Every TP rank runs the same chunks in the same order, forward
+    and recompute alike (early stop off), so the collectives inside the loss line up."""
     seq, b = s_hidden.shape[:2]
     if spec.kind not in (None, OFFLINE) and t_hidden is None:
-        raise MegaslimError(f"chunked logit KD ({spec.kind}) needs the teacher's hidden states")
+        raise MegaslimError(f"logit KD ({spec.kind}) from hidden states needs the teacher's hidden states")
+    mask = batch["loss_mask"]
+    count = mask.to(torch.float32).sum().clamp_min(1)
+    if chunk_tokens <= 0:  # under sequence parallelism s_hidden is this rank's sequence shard: not split
+        kd, lm = _chunk_sums(spec, student, teacher, s_hidden, t_hidden, *_seq_major(batch))
+        return kd / count, lm / count
     rows = max(1, chunk_tokens // b)
     n = -(-seq // rows)
-    mask = batch["loss_mask"]
     parts = zip(_chunks(s_hidden, rows, n), _chunks(t_hidden, rows, n),
                 *(_chunks(batch.get(k), rows, n, batch_major=True)
                   for k in ("loss_mask", "labels", "teacher_topk_idx", "teacher_topk_logp")))
@@ -141,5 +154,4 @@ def chunked_logit_losses(spec: LogitLoss, *, student, s_hidden: torch.Tensor, te
         kd_c, lm_c = checkpoint(_chunk_sums, spec, student, teacher, s_h, t_h, m, lab, idx, logp,
                                 use_reentrant=False, preserve_rng_state=False, early_stop=False)
         kd, lm = (kd_c, lm_c) if kd is None else (kd + kd_c, lm + lm_c)
-    count = mask.to(torch.float32).sum().clamp_min(1)
     return kd / count, lm / count

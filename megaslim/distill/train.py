@@ -183,7 +183,7 @@ class Trainer:
         teacher = None if (offline or self.lm_only) else models.teacher
         self.chunk_tokens = cfg.distill.logit_chunk_tokens  # 0: whole logits; else see distill.chunked
         self.logit_loss = logit_loss_spec(cfg, models.student_arch, offline=offline, lm_only=self.lm_only)
-        self.model = DistillModel(self.ddp, teacher, fp8=self.fp8, hidden_out=self.chunk_tokens > 0)
+        self.model = DistillModel(self.ddp, teacher, fp8=self.fp8, hidden_out=True)  # losses: distill.chunked
         opt_config = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=0.9,
             adam_beta2=0.95, adam_eps=1e-8, clip_grad=t.clip_grad, bf16=student.config.bf16,
@@ -283,12 +283,9 @@ class Trainer:
         s_out, t_out = output
         mask = batch["loss_mask"]
         d = self.cfg.distill
-        if self.chunk_tokens > 0:  # s_out, t_out: final hidden states [s, b, h]
-            kd, lm = chunked.chunked_logit_losses(
-                self.logit_loss, student=self.models.student, s_hidden=s_out, teacher=self.model.teacher,
-                t_hidden=t_out, batch=batch, chunk_tokens=self.chunk_tokens)
-        else:  # vocab-parallel logits [b, s, V/TP]
-            kd, lm = chunked.logit_losses(self.logit_loss, s_out, t_out, batch)
+        kd, lm = chunked.chunked_logit_losses(  # s_out, t_out: final hidden states [s, b, h]
+            self.logit_loss, student=self.models.student, s_hidden=s_out, teacher=self.model.teacher,
+            t_hidden=t_out, batch=batch, chunk_tokens=self.chunk_tokens)
         lm = None if d.skip_lm_loss else lm
         inter = {}
         for s, t in self.pairs:  # self.projection: None for cosine/mse at equal widths
