@@ -43,6 +43,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1  # MoE: whole experts split over EP of the data-parallel ranks
+    # distillation's models: activations outside attention/MLP split over the TP ranks along the sequence
+    # (megatron-core trains MoE layers at TP>1 only with it); off at TP=1 (as Megatron-LM), docs/moe.md
+    sequence_parallel: bool = False
 
 
 @dataclass

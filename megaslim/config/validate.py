@@ -250,6 +250,14 @@ def _check_distill(cfg: Config) -> None:
         raise ConfigError(f"distill.fp8_amax_history_len must be >= 1 (got {d.fp8_amax_history_len})")
 
 
+def _check_sequence_parallel(cfg: Config) -> None:
+    """parallel.sequence_parallel splits the sequence over the TP ranks (at TP=1 it is off, as Megatron-LM)."""
+    tp, seq = cfg.parallel.tensor_model_parallel_size, cfg.data.seq_length
+    if cfg.parallel.sequence_parallel and tp > 1 and seq % tp:
+        raise ConfigError(f"parallel.sequence_parallel=true splits data.seq_length={seq} over "
+                          f"parallel.tensor_model_parallel_size={tp} ranks: make it a multiple of {tp}")
+
+
 def _check_generate(cfg: Config) -> None:
     g = cfg.generate
     if not g.temperature >= 0:
@@ -271,7 +279,8 @@ def _check_exports(cfg: Config) -> None:
 
 
 _SECTIONS = (_check_counts, _check_train, _check_prune_target, _check_drop_list, _check_depth, _check_target_params,
-             _check_iterative, _check_sparsity_and_search, _check_distill, _check_generate, _check_exports)
+             _check_iterative, _check_sparsity_and_search, _check_distill, _check_sequence_parallel, _check_generate,
+             _check_exports)
 
 
 def validate(cfg: Config) -> None:
@@ -332,9 +341,28 @@ def _fp8_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def sequence_parallel_on(cfg: Config) -> bool:
+    """parallel.sequence_parallel as it applies: at TP>1 only. Only distillation builds its models with it;
+    every other command (prune's importance hooks, evaluation) builds them without."""
+    return cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size > 1
+
+
+def _check_sequence_parallel_runs(cfg: Config) -> None:
+    """What a distillation cannot do under sequence parallelism."""
+    chunk = cfg.distill.logit_chunk_tokens
+    if sequence_parallel_on(cfg) and chunk > 0:
+        raise ConfigError(f"parallel.sequence_parallel=true: distill.logit_chunk_tokens={chunk} chunks the final "
+                          "hidden states, which are each TP rank's sequence shard; set distill.logit_chunk_tokens=0")
+
+
 def validate_distill(cfg: Config) -> None:
     """launch/distill.py (and compress's distillation stages)."""
     p = cfg.prune
+    if not cfg.distill.student.load and sequence_parallel_on(cfg):
+        raise ConfigError("parallel.sequence_parallel=true needs distill.student.load: the default student is "
+                          "pruned now from the teacher's importance, whose hooks read whole sequences (prune "
+                          "builds its models without sequence parallelism); run launch/prune.py and pass its "
+                          "checkpoint, or launch/compress.py")
     if not cfg.distill.student.load:  # the default student: the teacher pruned by the prune section
         if p.sparsity.method:
             raise ConfigError("prune.sparsity is applied by launch/prune.py; run it and pass "
@@ -343,6 +371,7 @@ def validate_distill(cfg: Config) -> None:
             raise ConfigError("the default student of distill.py is pruned in one shot; run launch/prune.py "
                               "with prune.iterative and pass distill.student.load=<its checkpoint>")
     _check_fp8_runs(cfg)
+    _check_sequence_parallel_runs(cfg)
 
 
 def validate_generate(cfg: Config) -> None:
@@ -365,4 +394,5 @@ def validate_compress(cfg: Config) -> None:
         raise ConfigError("compress takes its targets from compress.rounds / prune.export_config; "
                           "unset prune.drop_layers and prune.plan_path")
     _check_fp8_runs(cfg)  # every distillation stage
+    _check_sequence_parallel_runs(cfg)
     _check_wanda_spec(cfg)  # every prune stage

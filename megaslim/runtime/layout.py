@@ -50,12 +50,17 @@ class ParallelLayout:
     target_tp: Optional[int] = None  # the pruned checkpoint's layout (prune.target_*; None = same)
     target_pp: Optional[int] = None
     ep: int = 1  # expert parallel: whole experts split over ep of the dp ranks (1 for dense models)
+    # parallel.sequence_parallel as it applies: only at TP>1 (Megatron-LM turns it off at TP=1). Only
+    # distillation builds its models with it; prune, evaluate and the rest run without (docs/moe.md).
+    sequence_parallel: bool = False
 
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, *, world_size: Optional[int] = None,
-              target_tp: Optional[int] = None, target_pp: Optional[int] = None, ep: int = 1) -> "ParallelLayout":
+              target_tp: Optional[int] = None, target_pp: Optional[int] = None, ep: int = 1,
+              sequence_parallel: bool = False) -> "ParallelLayout":
         world = launcher_world_size() if world_size is None else world_size
-        return cls(world, tp, pp, check_layout(world, tp, pp, ep), target_tp, target_pp, ep)
+        return cls(world, tp, pp, check_layout(world, tp, pp, ep), target_tp, target_pp, ep,
+                   sequence_parallel and tp > 1)
 
     @classmethod
     def from_config(cls, cfg, *, world_size: Optional[int] = None) -> "ParallelLayout":
@@ -63,12 +68,14 @@ class ParallelLayout:
         return cls.build(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                          world_size=world_size, target_tp=cfg.prune.target_tensor_model_parallel_size,
                          target_pp=cfg.prune.target_pipeline_model_parallel_size,
-                         ep=getattr(par, "expert_model_parallel_size", 1))
+                         ep=getattr(par, "expert_model_parallel_size", 1),
+                         sequence_parallel=getattr(par, "sequence_parallel", False))
 
     @classmethod
     def from_groups(cls) -> "ParallelLayout":
         """The layout the live process groups form (the prune targets once a run switched to them);
-        all ones when model parallelism is not initialized. For libraries that run on the current groups."""
+        all ones when model parallelism is not initialized. For libraries that run on the current groups.
+        sequence_parallel is a property of built models (their config), not of the groups: False here."""
         from megatron.core import parallel_state as ps
 
         if not ps.model_parallel_is_initialized():
