@@ -136,17 +136,19 @@ def check_positions(arch: ModelArch, seq_length: int, who: str = "the model") ->
                             f"{arch.max_position_embeddings}; lower data.seq_length")
 
 
-def load_model(model_cfg: ModelConfig, source: Optional[Source] = None):
-    """(model, arch, source): this rank's GPTModel shard with the source's weights."""
+def load_model(model_cfg: ModelConfig, source: Optional[Source] = None, *, sequence_parallel: bool = False):
+    """(model, arch, source): this rank's GPTModel shard with the source's weights (`sequence_parallel`:
+    build_gpt's, for training)."""
     source = source or resolve_source(model_cfg.load)
     arch = source_arch(source)
     if source.kind == "megatron_lm":
         found = megatron_lm.open_checkpoint(source.path)
-        model = build_gpt(arch, megatron_lm.model_config_for(model_cfg, found), init_weights=False)
+        model = build_gpt(arch, megatron_lm.model_config_for(model_cfg, found), init_weights=False,
+                          sequence_parallel=sequence_parallel)
         megatron_lm.load_into(model, found)
         model.eval()
         return model, arch, source
-    model = build_gpt(arch, model_cfg, init_weights=False)
+    model = build_gpt(arch, model_cfg, init_weights=False, sequence_parallel=sequence_parallel)
     if source.kind == "hf":
         load_full_state(model, hf.hf_fetcher(hf.HFReader(source.path), arch))
     else:

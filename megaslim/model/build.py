@@ -38,9 +38,27 @@ class LayerNorm1P(torch.nn.LayerNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         torch.nn.init.zeros_(self.weight)  # 1 + 0: the identity scale, like megatron's own init
+        _mark_sequence_parallel(self, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+class RMSNormSP(torch.nn.RMSNorm):
+    """torch's RMSNorm for the local spec under sequence parallelism, which megatron's torch norm wrapper
+    (WrappedTorchNorm, the local spec's norm without apex) refuses: the same module and weights, marked
+    like megatron's FusedLayerNorm marks its own."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(normalized_shape=hidden_size, eps=eps)  # as WrappedTorchNorm builds it
+        _mark_sequence_parallel(self, config)
+
+
+def _mark_sequence_parallel(norm: torch.nn.Module, config) -> None:
+    """Under sequence parallelism each TP rank normalises its own tokens, so a norm's gradient is a partial
+    sum: megatron's finalize_model_grads all-reduces it over TP for parameters marked `sequence_parallel`."""
+    for p in norm.parameters():
+        p.sequence_parallel = config.sequence_parallel
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -71,7 +89,7 @@ def moe_config(arch: ModelArch, ep: int = 1) -> dict:
 
 
 def transformer_config(arch: ModelArch, model_cfg: ModelConfig, *, tp: int, pp: int,
-                       init_weights: bool = True, ep: int = 1):
+                       init_weights: bool = True, ep: int = 1, sequence_parallel: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = _DTYPES[model_cfg.params_dtype]
@@ -98,6 +116,7 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, *, tp: int, pp: 
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,  # megatron refuses it at TP=1
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -125,7 +144,9 @@ def layer_spec(impl: str, config, arch: ModelArch, core_attention: str = "local"
 
         install_rope()  # megatron's unfused RoPE as one op, bit-equal (model/rope.py); TE specs keep theirs
         if arch.normalization == "LayerNorm1P":
-            spec = _local_layer_norm_1p_block(config, arch)
+            spec = _local_block(config, arch, LayerNorm1P, "LayerNorm")
+        elif config.sequence_parallel:
+            spec = _local_block(config, arch, RMSNormSP, "RMSNorm")
         else:
             spec = gpt_layer_specs.get_gpt_layer_local_spec(
                 num_experts=arch.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm",
@@ -152,21 +173,21 @@ def layer_spec(impl: str, config, arch: ModelArch, core_attention: str = "local"
     return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
 
 
-def _local_layer_norm_1p_block(config, arch: ModelArch):
-    """The local layer spec with every norm (the final one too) a `LayerNorm1P`: a block spec, since a
-    layer spec would give the final norm megatron's default implementation."""
+def _local_block(config, arch: ModelArch, norm, normalization: str):
+    """The local layer spec with every norm (the final one too) `norm` (LayerNorm1P, or RMSNormSP under
+    sequence parallelism): a block spec, since a layer spec would give the final norm megatron's default
+    implementation."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="LayerNorm", qk_layernorm=arch.qk_layernorm)
-    sub = replace(spec.submodules, input_layernorm=LayerNorm1P, pre_mlp_layernorm=LayerNorm1P)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=arch.num_moe_experts, moe_grouped_gemm=False,
+                                                    normalization=normalization, qk_layernorm=arch.qk_layernorm)
+    sub = replace(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
     if arch.qk_layernorm:
         attn = spec.submodules.self_attention
-        sub.self_attention = replace(attn, submodules=replace(
-            attn.submodules, q_layernorm=LayerNorm1P, k_layernorm=LayerNorm1P))
+        sub.self_attention = replace(attn, submodules=replace(attn.submodules, q_layernorm=norm, k_layernorm=norm))
     spec = replace(spec, submodules=sub)
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
-                                      layer_norm=LayerNorm1P)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=norm)
 
 
 def _check_moe_build(arch: ModelArch) -> None:
@@ -181,8 +202,11 @@ def _check_moe_build(arch: ModelArch) -> None:
     define_moe_te_names()  # the router needs it without Transformer Engine
 
 
-def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = False):
-    """This rank's GPTModel shard. With init_weights=False the weights are left for a loader to fill."""
+def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = False,
+              sequence_parallel: bool = False):
+    """This rank's GPTModel shard. With init_weights=False the weights are left for a loader to fill.
+    `sequence_parallel` (at TP>1; ParallelLayout.sequence_parallel): megatron's sequence parallelism, for
+    training; the parameters and checkpoint keys are the same either way."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -192,7 +216,8 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, *, init_weights: bool = F
     check_parallel_layout(arch, tp, pp, ep)
     if arch.is_moe:
         _check_moe_build(arch)
-    config = transformer_config(arch, model_cfg, tp=tp, pp=pp, init_weights=init_weights, ep=ep)
+    config = transformer_config(arch, model_cfg, tp=tp, pp=pp, init_weights=init_weights, ep=ep,
+                                sequence_parallel=sequence_parallel)
     check_rope_scaling(arch.rope_scaling)  # None, or llama3 with megatron's fixed parameters
     rope_scaling = bool(arch.rope_scaling)
     model = GPTModel(
