@@ -116,11 +116,11 @@ def check_moe_student(cfg: Config, arch: ModelArch, tp: int, who: str = "the stu
             raise MegaslimError(f"distill.moe_aux_loss_coeff={coeff} is set but {who} is not a mixture of "
                                 "experts (it has no router); unset it")
         return
-    if tp > 1:
+    if tp > 1 and not cfg.parallel.sequence_parallel:
         raise MegaslimError(
-            f"{who} is a mixture of experts: it trains at TP=1 (got parallel.tensor_model_parallel_size={tp}); "
-            "megatron-core trains MoE layers under tensor parallelism only with sequence parallelism, which "
-            "megaslim does not use yet. Use parallel.expert_model_parallel_size, pipeline or data parallelism "
+            f"{who} is a mixture of experts: at parallel.tensor_model_parallel_size={tp} it trains with sequence "
+            "parallelism only (megatron-core's MoE layers refuse TP>1 without it): set "
+            "parallel.sequence_parallel=true, or use TP=1 with expert, pipeline or data parallelism "
             "(an MoE teacher may use any TP)")
 
 
@@ -251,14 +251,18 @@ def build(cfg: Config, inp: Inputs) -> Built:
     rt = cli.start(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # both models alike, so stage activations concatenate under PP and hidden states pair up (train.py)
+    sp = inp.layout.sequence_parallel
+    if cfg.parallel.sequence_parallel and not sp:
+        rank0_print("parallel.sequence_parallel=true at TP=1: sequence parallelism is off (as Megatron-LM)")
     if inp.store is None:
-        teacher, teacher_arch, _ = load_model(_unloaded(cfg.model), inp.teacher_src)
+        teacher, teacher_arch, _ = load_model(_unloaded(cfg.model), inp.teacher_src, sequence_parallel=sp)
         teacher_label, tok_dir = inp.teacher_src.label, inp.teacher_src.tokenizer_dir
     else:  # offline teacher logits
         teacher, teacher_arch = None, inp.teacher_arch
         teacher_label, tok_dir = f"offline logits {inp.store.path}", inp.store.tokenizer_dir
     if inp.student_src is not None:
-        student, student_arch, _ = load_model(_unloaded(cfg.model), inp.student_src)
+        student, student_arch, _ = load_model(_unloaded(cfg.model), inp.student_src, sequence_parallel=sp)
     else:
         student, student_arch = default_student(cfg, teacher, teacher_arch, inp.plan, inp.calib_rows)
     tok_dir = cfg.model.tokenizer or tok_dir
@@ -477,6 +481,7 @@ def report(cfg: Config, inp: Inputs, b: Built, losses: Losses, timer: Timer) -> 
             divisible_by=cfg.model.make_vocab_size_divisible_by, tokenizer_dir=b.tokenizer_dir))
     result["mode"] = "offline" if inp.store is not None else ("lm" if trainer.lm_only else "online")
     result["fp8"] = cfg.distill.fp8
+    result["sequence_parallel"] = inp.layout.sequence_parallel  # as applied (off at TP=1)
     if trainer.router_aux is not None:  # MoE student: the coefficient applied, and the last step's values
         result["router_aux_loss"] = {"coeff": trainer.router_aux.coeff, "kept": trainer.router_aux.kept,
                                      **{k: v for k, v in b.last.items() if k.startswith("moe_")}}
@@ -502,7 +507,8 @@ def _summary(cfg: Config, b: Built, result: dict, timer: Timer) -> None:
     teacher_arch, teacher_loss, gap = b.models.teacher_arch, result["teacher_eval_loss"], result["gap_recovered"]
     summary_table("megaslim distill", _resumed_row(cfg, b) + [
         ("teacher", f"{b.teacher_label} ({teacher_arch.num_params():,} params)"),
-        ("mode", result["mode"] + (f", fp8={cfg.distill.fp8}" if cfg.distill.fp8 else "")),
+        ("mode", result["mode"] + (f", fp8={cfg.distill.fp8}" if cfg.distill.fp8 else "")
+         + (", sequence parallel" if result["sequence_parallel"] else "")),
         ("student", f"{result['student_params']:,} params"),
         *([("router aux loss", b.trainer.router_aux.describe())] if b.trainer.router_aux is not None else []),
         ("steps / tokens", f"{result['steps']} / {result['tokens']:,}"),

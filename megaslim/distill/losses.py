@@ -320,6 +320,19 @@ class HiddenProjection(nn.Linear):
                     self.bias.copy_(torch.rand(self.bias.shape, generator=g) * 2 * bound - bound)
 
 
+def full_sequence(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """A layer's output [s, b, h] whole on every TP rank. Under sequence parallelism each rank holds its
+    [s/TP, b, h] shard: all-gathered along the sequence, the gradient split back to each rank's shard
+    (megatron's gather_from_sequence_parallel_region without the reduce-scatter: every rank then computes
+    the same loss on the same states and back-propagates the same full gradient, as for the logit loss),
+    so intermediate losses, their projection's gradient included, are the TP=1 ones."""
+    if not sequence_parallel:
+        return hidden
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+
+
 def _projected_pair(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                     projection: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Shape-checked [s, b, h] states in (at least) float32: the student's through `projection`, the

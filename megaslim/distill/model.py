@@ -153,7 +153,11 @@ class RouterAuxLoss:
 
     def metrics(self, num_micro: int) -> dict:
         """This step's values, the same on every rank: per MoE layer and micro-batch, averaged over DP
-        (megatron's logging convention); summed over PP stages (each holds its own layers). Collective."""
+        (megatron's logging convention); summed over PP stages (each holds its own layers). Over TP as
+        megatron reduces them (reduce_aux_losses_tracker_across_ranks), which gives the TP=1 value with or
+        without sequence parallelism: a loss recorded with a `reduce_group` (the load-balancing loss: each
+        TP rank's share, its routing counts all-reduced over TP) is summed, one without (the z-loss: a mean
+        over this rank's tokens, all of them or its sequence shard) is averaged. Collective."""
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
@@ -164,8 +168,8 @@ class RouterAuxLoss:
             entry = tracker.get(name)
             if entry is None:
                 continue
-            # TP ranks hold the same tokens (no sequence parallelism): average them too
-            vec[2 * i] = entry["values"].double().sum().cpu() / (self.num_layers * num_micro * dp * tp)
+            tp_share = 1 if entry.get("reduce_group") is not None else tp
+            vec[2 * i] = entry["values"].double().sum().cpu() / (self.num_layers * num_micro * dp * tp_share)
             vec[2 * i + 1] = 1.0
         vec = ParallelLayout.all_reduce(vec)  # the world: sums the PP stages, the DP/TP shares above
         self.clear()

@@ -89,8 +89,8 @@ def needs_projection(cfg: Config, student_arch: ModelArch, teacher_arch: ModelAr
 def attach_projection(cfg: Config, models: Models) -> Optional[losses.HiddenProjection]:
     """This rank's projection (None where unused or off the last stage), registered on the student.
     Seeded from train.seed: identical on every TP/DP rank (a replicated parameter; its gradient is the
-    same on every TP rank because the layer outputs and the loss are replicated, without sequence
-    parallelism)."""
+    same on every TP rank because the layer outputs and the loss are replicated: under sequence
+    parallelism the losses gather the layer outputs first, `losses.full_sequence`)."""
     from megatron.core import parallel_state as ps
 
     if not (needs_projection(cfg, models.student_arch, models.teacher_arch) and ps.is_pipeline_last_stage()):
@@ -289,8 +289,10 @@ class Trainer:
         lm = None if d.skip_lm_loss else lm
         inter = {}
         for s, t in self.pairs:  # self.projection: None for cosine/mse at equal widths
+            s_h, t_h = (losses.full_sequence(cap.states[i], m.config.sequence_parallel)  # whole sequences
+                        for cap, i, m in ((self._s_cap, s, self.models.student), (self._t_cap, t, self.models.teacher)))
             inter[pair_metric_key(d.intermediate_loss, s, t)] = losses.intermediate_loss(
-                student_hidden=self._s_cap.states[s], teacher_hidden=self._t_cap.states[t], loss_mask=mask,
+                student_hidden=s_h, teacher_hidden=t_h, loss_mask=mask,
                 projection=self.projection, kind=d.intermediate_loss, temperature=d.contrastive_temperature)
         parts = losses.combine_losses(kd_loss=kd, lm_loss=lm, intermediate=inter, kd_loss_scale=d.kd_loss_scale,
                                       skip_lm_loss=d.skip_lm_loss)
