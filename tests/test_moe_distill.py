@@ -1,7 +1,7 @@
 """Distilling a mixture-of-experts student (from an MoE or a dense teacher): the router's load-balancing loss
 is applied with its coefficient (or off) and logged; the gradient is the KD gradient plus coeff x the aux
 gradient at megatron's scale (1 / micro-batches); EP=2 and PP=2 match one process; SIGKILL + resume is
-bit-exact; what cannot work yet is refused before any weight is read."""
+bit-exact; what cannot work is refused before any weight is read (TP>1: tests/test_sequence_parallel.py)."""
 import json
 
 import pytest
@@ -239,8 +239,9 @@ def test_compress_prunes_experts_then_distills_with_the_aux_loss(moe, tmp_path):
     assert json.loads((out / "round1" / "hf" / "config.json").read_text())["num_local_experts"] == 2
 
 
-def test_moe_student_at_tp2_is_refused_before_any_weight(moe, tmp_path):
-    """megatron-core trains MoE layers at TP>1 only with sequence parallelism (not used by megaslim yet)."""
+def test_moe_student_at_tp2_without_sp_is_refused_before_any_weight(moe, tmp_path):
+    """megatron-core trains MoE layers at TP>1 only with sequence parallelism: the refusal names the key
+    (tests/test_sequence_parallel.py runs it)."""
     import os
     import subprocess
     import sys
@@ -250,7 +251,7 @@ def test_moe_student_at_tp2_is_refused_before_any_weight(moe, tmp_path):
                           env=dict(os.environ, WORLD_SIZE="2"), capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "the student is a mixture of experts: it trains at TP=1" in errors[0], errors
+    assert "the student is a mixture of experts" in errors[0] and "parallel.sequence_parallel=true" in errors[0], errors
     assert not (tmp_path / "o").exists()
 
 
