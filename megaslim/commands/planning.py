@@ -16,7 +16,7 @@ replicated norms, its pipeline stage only:
                                                     (an MoE's experts over the expert-DP group, DP / EP)
   teacher           P_rank(teacher) * w             frozen: no gradients, no optimizer state
   activations       per layer and micro-batch, stored for backward (Korthikanti et al. 2022's count,
-                    TP without sequence parallelism; megaslim enables neither SP nor recompute):
+                    TP without sequence parallelism or recompute; under parallel.sequence_parallel an upper bound):
                       w * s*b * (4h + (2q + 2kv + (m+1)f) / TP)  [+ w * a*s^2*b / TP without flash attention]
                     q = heads*head_dim, kv = groups*head_dim, m = 2 for SwiGLU (gate+up), 1 otherwise.
                     (Megatron's GPT estimate s*b*h*(34 + 5*a*s/h) is the same count for MHA, GeLU with
