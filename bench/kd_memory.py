@@ -103,7 +103,6 @@ def memory_one(args, mode: str, chunk: int, dirs: list[str]) -> dict:
 def _set_chunk(trainer, chunk: int) -> None:
     """Switch a KD trainer between whole (0) and chunked logits between steps (bench only)."""
     trainer.chunk_tokens = chunk
-    trainer.model.hidden_out = chunk > 0
 
 
 def timing_one(args, chunk: int, dirs: list[str]) -> dict:

@@ -72,9 +72,10 @@ def test_topk_kinds_with_lm_loss_and_no_padded_vocab(megatron_tp1, tmp_path):
     batch = add_offline_topk(make_batch(256), teacher, 256)
     for kind in ("topk", OFFLINE):
         spec = LogitLoss(vocab_size=256, kind=kind, top_k=5, lm=True)
-        ref = losses_and_grads(student, teacher, spec, batch, 0)
-        got = losses_and_grads(student, teacher, spec, batch, 7)
-        torch.testing.assert_close(got[:2], ref[:2])
+        ref = losses_and_grads(student, teacher, spec, batch, None)
+        for chunk in (0, 7):  # whole from the hidden states (the default) and chunked
+            got = losses_and_grads(student, teacher, spec, batch, chunk)
+            torch.testing.assert_close(got[:2], ref[:2])
         assert ref[0] > 0 and ref[1] > 0
 
 

@@ -358,12 +358,12 @@ def _check_sequence_parallel_runs(cfg: Config) -> None:
 def validate_distill(cfg: Config) -> None:
     """launch/distill.py (and compress's distillation stages)."""
     p = cfg.prune
-    if not cfg.distill.student.load and sequence_parallel_on(cfg):
-        raise ConfigError("parallel.sequence_parallel=true needs distill.student.load: the default student is "
-                          "pruned now from the teacher's importance, whose hooks read whole sequences (prune "
-                          "builds its models without sequence parallelism); run launch/prune.py and pass its "
-                          "checkpoint, or launch/compress.py")
     if not cfg.distill.student.load:  # the default student: the teacher pruned by the prune section
+        if sequence_parallel_on(cfg):
+            raise ConfigError("parallel.sequence_parallel=true needs distill.student.load: the default student "
+                              "is pruned now from the teacher's importance, whose hooks read whole sequences "
+                              "(prune builds its models without sequence parallelism); run launch/prune.py and "
+                              "pass its checkpoint, or launch/compress.py")
         if p.sparsity.method:
             raise ConfigError("prune.sparsity is applied by launch/prune.py; run it and pass "
                               "distill.student.load=<its checkpoint> (the masks travel in the checkpoint)")

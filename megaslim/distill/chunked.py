@@ -1,11 +1,14 @@
-"""Logit KD and LM losses from logits, whole or in chunks of tokens from the final hidden states.
+"""Logit KD and LM losses from the final hidden states, whole or in chunks of tokens.
 
-Chunked (`distill.logit_chunk_tokens` > 0): each model's forward stops before its output layer; per chunk
-of sequence positions the output layer and the loss run under non-reentrant activation checkpointing, so
-only the chunk's scalar sums are kept and its logits are recomputed in backward. Neither model's
-[tokens, vocab/TP] logits, nor the student's logit gradient, exist whole at any time. The per-token losses
-are the same functions as unchunked (vocab-parallel, every `distill.kl` kind and offline top-k), so values
-and gradients equal the unchunked ones up to float summation order.
+Each model's forward stops before its output layer; the output layers run here, in megatron's [s, b]
+order, so GPTModel's [s, b, V/TP] -> [b, s, V/TP] copies of both models' logits (and of the student's
+logit gradient) are never made: the small [b, s] masks and labels are transposed instead.
+Whole (`distill.logit_chunk_tokens` 0, the default): one chunk, nothing recomputed.
+Chunked (> 0): per chunk of sequence positions the output layer and the loss run under non-reentrant
+activation checkpointing, so only the chunk's scalar sums are kept and its logits are recomputed in
+backward. Neither model's [tokens, vocab/TP] logits, nor the student's logit gradient, exist whole at any
+time. The per-token losses are the same functions either way (vocab-parallel, every `distill.kl` kind and
+offline top-k), so values and gradients equal the whole ones up to float summation order.
 """
 from __future__ import annotations
 
@@ -87,17 +90,6 @@ def logit_loss_sums(spec: LogitLoss, s_logits: torch.Tensor, t_logits: Optional[
     return kd, lm
 
 
-def logit_losses(spec: LogitLoss, s_logits: torch.Tensor, t_logits: Optional[torch.Tensor], batch: dict
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KD loss, LM loss), each masked sum / token count, from whole [b, s, V/TP] logits and a
-    micro-batch in megatron's [b, s] layout (`loss_mask`, `labels`, offline `teacher_topk_*`)."""
-    mask = batch["loss_mask"]
-    kd, lm = logit_loss_sums(spec, s_logits, t_logits, mask, batch.get("labels"),
-                             batch.get("teacher_topk_idx"), batch.get("teacher_topk_logp"))
-    count = mask.to(torch.float32).sum().clamp_min(1)
-    return kd / count, lm / count
-
-
 def _chunk_sums(spec: LogitLoss, student, teacher, s_hidden, t_hidden, mask, labels, topk_idx, topk_logp):
     """One chunk: output layers then `logit_loss_sums`; run (and rerun in backward) under checkpoint."""
     s_logits = output_logits(student, s_hidden)
@@ -120,35 +112,29 @@ def _chunks(x: Optional[torch.Tensor], rows: int, n: int, *, batch_major: bool =
     return [c.contiguous() for c in x.transpose(0, 1).split(rows, dim=0)]
 
 
-def _seq_major(batch: dict) -> list:
-    """The loss inputs of a [b, s] micro-batch in the hidden states' [s, b] layout (None where absent)."""
-    return [None if batch.get(k) is None else batch[k].transpose(0, 1).contiguous()
-            for k in ("loss_mask", "labels", "teacher_topk_idx", "teacher_topk_logp")]
-
-
 def chunked_logit_losses(spec: LogitLoss, *, student, s_hidden: torch.Tensor, teacher=None,
                          t_hidden: Optional[torch.Tensor] = None, batch: dict, chunk_tokens: int = 0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`logit_losses` from the final hidden states [s, b, h] of the student (and teacher: None for
-    offline top-k or no KD term). `chunk_tokens` 0: the whole micro-batch at once, nothing recomputed;
-    the logits stay in megatron's [s, b, V/TP] order (GPTModel's forward copies both models' logits to
-    [b, s, V/TP], and the student's gradient back: three [tokens, vocab] copies a step that only the
-    small [b, s] masks need instead). Else `chunk_tokens` tokens (whole sequence positions of the
-    micro-batch, at least one) at a time. Every TP rank runs the same chunks in the same order, forward
-    and recompute alike (early stop off), so the collectives inside the loss line up."""
-    seq, b = s_hidden.shape[:2]
+    """(KD loss, LM loss), each masked sum / token count, from the final hidden states [s, b, h] of the
+    student (and teacher: None for offline top-k or no KD term) and a micro-batch in megatron's [b, s]
+    layout (`loss_mask`, `labels`, offline `teacher_topk_*`). `chunk_tokens` 0: the whole micro-batch at
+    once, nothing recomputed; else `chunk_tokens` tokens (whole sequence positions of the micro-batch, at
+    least one) at a time. Every TP rank runs the same chunks in the same order, forward and recompute
+    alike (early stop off), so the collectives inside the loss line up."""
     if spec.kind not in (None, OFFLINE) and t_hidden is None:
-        raise MegaslimError(f"logit KD ({spec.kind}) from hidden states needs the teacher's hidden states")
+        raise MegaslimError(f"logit KD ({spec.kind}) needs the teacher's hidden states")
     mask = batch["loss_mask"]
     count = mask.to(torch.float32).sum().clamp_min(1)
-    if chunk_tokens <= 0:  # under sequence parallelism s_hidden is this rank's sequence shard: not split
-        kd, lm = _chunk_sums(spec, student, teacher, s_hidden, t_hidden, *_seq_major(batch))
+    batch_parts = lambda rows, n: (_chunks(batch.get(k), rows, n, batch_major=True)  # noqa: E731
+                                   for k in ("loss_mask", "labels", "teacher_topk_idx", "teacher_topk_logp"))
+    if chunk_tokens <= 0:  # one chunk; under sequence parallelism s_hidden is this rank's shard: not split
+        kd, lm = _chunk_sums(spec, student, teacher, s_hidden, t_hidden,
+                             *(c[0] for c in batch_parts(mask.shape[1], 1)))
         return kd / count, lm / count
+    seq, b = s_hidden.shape[:2]
     rows = max(1, chunk_tokens // b)
     n = -(-seq // rows)
-    parts = zip(_chunks(s_hidden, rows, n), _chunks(t_hidden, rows, n),
-                *(_chunks(batch.get(k), rows, n, batch_major=True)
-                  for k in ("loss_mask", "labels", "teacher_topk_idx", "teacher_topk_logp")))
+    parts = zip(_chunks(s_hidden, rows, n), _chunks(t_hidden, rows, n), *batch_parts(rows, n))
     kd = lm = None
     for s_h, t_h, m, lab, idx, logp in parts:
         kd_c, lm_c = checkpoint(_chunk_sums, spec, student, teacher, s_h, t_h, m, lab, idx, logp,

@@ -6,8 +6,8 @@ is [student | teacher] concatenated along the hidden dim (p2p shapes widened by
 
 `teacher=None` runs the student alone (offline teacher logits, or LM-only training on synthetic data):
 the last stage then returns `(student_logits, None)` and no p2p widening is needed.
-`hidden_out=True` (chunked logit losses, `megaslim.distill.chunked`): the last stage returns both models'
-final hidden states [s, b, h] instead of their logits; the loss runs the output layers chunk by chunk.
+`hidden_out=True` (the trainer's setting; `megaslim.distill.chunked`): the last stage returns both models'
+final hidden states [s, b, h] instead of their logits; the loss runs the output layers, whole or by chunks.
 `fp8` (a `megaslim.distill.fp8.Fp8Context`) runs both forwards of a micro-batch in one FP8 autocast
 region; the student's FP8 weight cache is refreshed at the first micro-batch of each step (megatron's
 schedules call `set_is_first_microbatch`), the frozen teacher's is made once and reused.

@@ -18,7 +18,7 @@ from megaslim.distill.chunked import (  # noqa: E402
     LogitLoss,
     chunked_logit_losses,
     final_hidden_states,
-    logit_losses,
+    logit_loss_sums,
 )
 
 CASES = [  # (kind, LogitLoss keyword arguments)
@@ -31,7 +31,7 @@ CASES = [  # (kind, LogitLoss keyword arguments)
     (OFFLINE, {"temperature": 2.0, "lm": True}),
     (None, {"lm": True}),  # LM only
 ]
-CHUNKS = (10, 1, 4096)  # uneven last chunk, one position per chunk, one chunk for all
+CHUNKS = (0, 10, 1, 4096)  # whole (the default), uneven last chunk, one position per chunk, one chunk for all
 B, S, K = 2, 16, 8
 
 
@@ -52,13 +52,22 @@ def add_offline_topk(batch: dict, teacher, vocab: int) -> dict:
     return {**batch, "teacher_topk_idx": idx, "teacher_topk_logp": logp}
 
 
-def losses_and_grads(student, teacher, spec: LogitLoss, batch: dict, chunk_tokens: int):
-    """(kd, lm, {param name: grad}) of kd + 0.7 * lm through the whole-logit (chunk_tokens=0) or the
-    chunked path."""
+def logits_reference(spec: LogitLoss, s_logits, t_logits, batch: dict):
+    """(KD loss, LM loss) from GPTModel's own [b, s, V/TP] logits: the reference for the hidden-state path."""
+    mask = batch["loss_mask"]
+    kd, lm = logit_loss_sums(spec, s_logits, t_logits, mask, batch.get("labels"),
+                             batch.get("teacher_topk_idx"), batch.get("teacher_topk_logp"))
+    count = mask.to(torch.float32).sum().clamp_min(1)
+    return kd / count, lm / count
+
+
+def losses_and_grads(student, teacher, spec: LogitLoss, batch: dict, chunk_tokens):
+    """(kd, lm, {param name: grad}) of kd + 0.7 * lm through GPTModel's own logits (chunk_tokens=None) or
+    megaslim's path from the final hidden states (0: whole, else that chunk size)."""
     student.zero_grad(set_to_none=True)
     args = (batch["tokens"], batch["position_ids"], None)
     online = spec.kind not in (None, OFFLINE)
-    if chunk_tokens:
+    if chunk_tokens is not None:
         with final_hidden_states(student):
             s_out = student(*args)
         with torch.no_grad(), final_hidden_states(teacher):
@@ -69,20 +78,20 @@ def losses_and_grads(student, teacher, spec: LogitLoss, batch: dict, chunk_token
         s_out = student(*args)
         with torch.no_grad():
             t_out = teacher(*args) if online else None
-        kd, lm = logit_losses(spec, s_out, t_out, batch)
+        kd, lm = logits_reference(spec, s_out, t_out, batch)
     (kd + 0.7 * lm).backward()
     grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
     return kd.detach(), lm.detach(), grads
 
 
 def check_all(student, teacher, vocab: int, where: str) -> int:
-    """Every case x chunk size against the unchunked path; returns the number of comparisons."""
+    """Every case x chunk size against GPTModel's own logits; returns the number of comparisons."""
     student.train()
     batch = add_offline_topk(make_batch(vocab), teacher, vocab)
     checked = 0
     for kind, kw in CASES:
         spec = LogitLoss(vocab_size=vocab, kind=kind, **kw)
-        ref_kd, ref_lm, ref_g = losses_and_grads(student, teacher, spec, batch, 0)
+        ref_kd, ref_lm, ref_g = losses_and_grads(student, teacher, spec, batch, None)
         assert ref_g and all(torch.isfinite(g).all() for g in ref_g.values())
         assert (ref_kd > 0) == (kind is not None) and (ref_lm > 0) == spec.lm, (kind, kw, ref_kd, ref_lm)
         for chunk in CHUNKS:
