@@ -73,19 +73,35 @@ def setup(args) -> Setup:
     return Setup(teacher, trainer, make_microbatches(rows, args.micro_batch), mem0)
 
 
+class _ZeroOutputLayer(torch.nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, hidden, weight=None):
+        return torch.zeros(*hidden.shape[:2], self.vocab), None
+
+
 class ZeroTeacher(torch.nn.Module):
-    """Stands in for the teacher: zero logits of the right shape, no forward cost."""
+    """Stands in for the teacher at no forward cost. megaslim's trainer asks the teacher for its final
+    hidden states (post_process off) and runs its output layer inside the loss: both give zeros here."""
 
     def __init__(self, teacher):
         super().__init__()
         self.config = teacher.config
         self.vocab = teacher.embedding.word_embeddings.weight.shape[0]
+        self.post_process = True
+        self.share_embeddings_and_output_weights = False
+        self.output_layer = _ZeroOutputLayer(self.vocab)
 
     def set_input_tensor(self, t):
         pass
 
     def forward(self, tokens, position_ids, attention_mask=None):
-        return torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab)
+        b, s = tokens.shape
+        if not self.post_process:
+            return torch.zeros(s, b, self.config.hidden_size)
+        return torch.zeros(b, s, self.vocab)
 
 
 def measure(args, s: Setup) -> tuple[dict, float, float]:
