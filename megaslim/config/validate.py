@@ -342,7 +342,8 @@ def _fp8_problems(cfg: Config) -> list[str]:
 
 
 def sequence_parallel_on(cfg: Config) -> bool:
-    """parallel.sequence_parallel as it applies: at TP>1 only. Only distillation builds its models with it;
+    """parallel.sequence_parallel as it applies: at TP>1 only (runtime's sequence_parallel_applies,
+    restated here so the config layer stays free of torch). Only distillation builds its models with it;
     every other command (prune's importance hooks, evaluation) builds them without."""
     return cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size > 1
 

@@ -11,6 +11,7 @@ from megaslim.config import ModelConfig
 from megaslim.errors import MegaslimError
 from megaslim.model.arch import ModelArch, check_parallel_layout, check_rope_scaling
 from megaslim.model.compat import define_moe_te_names, mark_tensor_parallel_params
+from megaslim.runtime.layout import sequence_parallel_applies
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,7 +117,7 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, *, tp: int, pp: 
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        sequence_parallel=sequence_parallel and tp > 1,  # megatron refuses it at TP=1
+        sequence_parallel=sequence_parallel_applies(sequence_parallel, tp),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

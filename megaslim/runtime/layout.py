@@ -36,6 +36,13 @@ def check_layout(world_size: int, tp: int, pp: int, ep: int = 1) -> int:
     return dp
 
 
+def sequence_parallel_applies(requested: bool, tp: int) -> bool:
+    """parallel.sequence_parallel as it applies: at TP>1 only (Megatron-LM turns it off at TP=1, and
+    megatron-core's TransformerConfig refuses it there). Models and layouts take it from here;
+    the config's validation restates it (config/validate.py: sequence_parallel_on) without torch."""
+    return bool(requested) and tp > 1
+
+
 def device() -> torch.device:
     """Where collectives run: the current CUDA device, or the CPU (gloo)."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -60,7 +67,7 @@ class ParallelLayout:
               sequence_parallel: bool = False) -> "ParallelLayout":
         world = launcher_world_size() if world_size is None else world_size
         return cls(world, tp, pp, check_layout(world, tp, pp, ep), target_tp, target_pp, ep,
-                   sequence_parallel and tp > 1)
+                   sequence_parallel_applies(sequence_parallel, tp))
 
     @classmethod
     def from_config(cls, cfg, *, world_size: Optional[int] = None) -> "ParallelLayout":
