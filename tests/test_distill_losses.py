@@ -99,6 +99,20 @@ def test_teacher_gets_no_gradient_and_bf16_student():
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_forward_kl_backward_in_place_once_only():
+    """The forward KL writes the student's logit gradient into its saved tensor: the gradient still equals
+    the reference, and a second backward of the same graph is refused instead of reading it."""
+    student, teacher, mask = make_logits(3, 4, seed=9)
+    st = student.clone().requires_grad_(True)
+    loss = logit_kd_loss(student_logits=st, teacher_logits=teacher, loss_mask=mask, vocab_size=VOCAB)
+    loss.backward(retain_graph=True)
+    ref_s = student.clone().requires_grad_(True)
+    ((reference_per_token(ref_s, teacher, vocab_size=VOCAB) * mask).sum() / mask.sum()).backward()
+    torch.testing.assert_close(st.grad[..., :VOCAB], ref_s.grad[..., :VOCAB], rtol=1e-6, atol=1e-6)
+    with pytest.raises(MegaslimError, match="back-propagated twice"):
+        loss.backward()
+
+
 def test_vocab_parallel_log_softmax_tp1():
     x = torch.randn(4, 9, requires_grad=True)
     y = vocab_parallel_log_softmax(x)

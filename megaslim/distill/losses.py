@@ -142,9 +142,15 @@ class _ForwardKL(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        # in place, so the student's logit gradient takes no new [..., V/TP] tensor; a second backward
+        # of the same graph (retain_graph) would read the overwritten tensor, hence refused
+        if getattr(ctx, "consumed", False):
+            raise MegaslimError("the forward-KL loss cannot be back-propagated twice (retain_graph)")
+        ctx.consumed = True
         (q_minus_p,) = ctx.saved_tensors
-        return grad.unsqueeze(-1) * q_minus_p, None
+        return q_minus_p.mul_(grad.unsqueeze(-1)), None
 
 
 # --------------------------------------------------------------------------------------------------
