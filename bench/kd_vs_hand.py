@@ -377,6 +377,19 @@ def run_one(args) -> dict:
     return res
 
 
+def paired_lines(results: list[dict]) -> list[str]:
+    """Per-round KD-step ratios: the rounds are interleaved, so a noisy spell slows both loops of a round
+    alike and the per-round ratio is steadier than the ratio of medians."""
+    out = []
+    for res in results:
+        m, h = res["all_s"]["megaslim|KD step"], res["all_s"]["hand|KD step"]
+        r = sorted(a / b for a, b in zip(m, h))
+        out.append(f"{res['batch']} x {res['seq']}: megaslim / hand-written KD step per round, median "
+                   f"**{statistics.median(r):.2f}x** (range {r[0]:.2f}-{r[-1]:.2f} over {len(r)} rounds); "
+                   f"fastest step of each, {min(m) / min(h):.2f}x.")
+    return out + [""] if out else out
+
+
 NAMES = {"megaslim": "megaslim", "before": "megaslim before (megatron attention + RoPE, old KL)",
          "hand": "hand-written"}
 
@@ -425,7 +438,9 @@ def report(args, results: list[dict]) -> str:
              "the nine measurements interleaved in one process (order reversed every other round) and the ratios, "
              f"not the absolute seconds, are the result. Median of {args.repeats} rounds after a warm-up KD step "
              "of each loop. \"megaslim before\" is the same megaslim loop with megatron's DotProductAttention "
-             "and unfused RoPE swapped back into both models and the fused KL as it was before issue 18. "
+             "and unfused RoPE swapped back into both models and the fused KL as it was before issue 18 (its logits "
+             "come from the hidden states like megaslim's: GPTModel's [s, b, V] -> [b, s, V] copies, also removed "
+             "by issue 18, are not put back, so this row understates the change). "
              "KD step CPU s: the process's CPU time (all its threads) for the step, median; it counts work, not "
              "waiting for a core, so it moves less with the machine's load than the wall time.", "",
              "Student step = the same loop with the teacher replaced by free zero logits (same loss code). Peak RSS: "
@@ -436,6 +451,7 @@ def report(args, results: list[dict]) -> str:
     for res in results:
         lines += shape_rows(res)
     lines.append("")
+    lines += paired_lines(results)
     for res in results:
         lines += profile_lines(res)
     lines += [f"Command: `python bench/kd_vs_hand.py --shapes {args.shapes} --repeats {args.repeats}"
