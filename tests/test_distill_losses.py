@@ -113,6 +113,27 @@ def test_forward_kl_backward_in_place_once_only():
         loss.backward()
 
 
+@pytest.mark.parametrize("kind, kw", CASES, ids=[f"{k}-{kw}" for k, kw in CASES])
+def test_teacher_owned_logits_give_the_same_loss_and_gradient(kind, kw):
+    """teacher_owned lets the loss overwrite the teacher logits with their log-softmax (one [tokens,
+    vocab] tensor fewer): the loss and the student's gradient are those of the non-owning call."""
+    student, teacher, mask = make_logits(4, 3, seed=11)
+    student, teacher = student[..., :VOCAB], teacher[..., :VOCAB]  # unpadded: nothing copies the teacher first
+    results = []
+    for owned in (False, True):
+        st, t = student.clone().requires_grad_(True), teacher.clone()
+        loss = masked_mean(logit_kd_per_token(student_logits=st, teacher_logits=t, vocab_size=VOCAB, kind=kind,
+                                              teacher_owned=owned, **kw), mask)
+        loss.backward()
+        results.append((loss.detach(), st.grad, t))
+    (ref, ref_g, kept), (got, got_g, overwritten) = results
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_g, ref_g, rtol=1e-6, atol=1e-6)
+    assert torch.equal(kept, teacher)  # not owned: the caller's logits are untouched
+    if kind != "topk" and kw.get("temperature", 1.0) == 1.0:  # else a tempered copy is what gets overwritten
+        assert not torch.equal(overwritten, teacher)  # its storage held log p (the forward KL then reuses it)
+
+
 def test_vocab_parallel_log_softmax_tp1():
     x = torch.randn(4, 9, requires_grad=True)
     y = vocab_parallel_log_softmax(x)

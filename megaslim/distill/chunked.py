@@ -60,29 +60,34 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _kd_per_token(spec: LogitLoss, s_logits, t_logits, topk_idx, topk_logp) -> torch.Tensor:
+def _kd_per_token(spec: LogitLoss, s_logits, t_logits, topk_idx, topk_logp,
+                  teacher_owned: bool = False) -> torch.Tensor:
     if spec.kind == OFFLINE:
         return offline_topk_kl_per_token(student_logits=s_logits, topk_idx=topk_idx, topk_logp=topk_logp,
                                          vocab_size=spec.vocab_size, temperature=spec.temperature,
                                          top_k=spec.top_k)
     return losses.logit_kd_per_token(student_logits=s_logits, teacher_logits=t_logits,
                                      vocab_size=spec.vocab_size, kind=spec.kind, temperature=spec.temperature,
-                                     beta=spec.beta, top_k=spec.top_k if spec.kind == "topk" else None)
+                                     beta=spec.beta, top_k=spec.top_k if spec.kind == "topk" else None,
+                                     teacher_owned=teacher_owned)
 
 
 def logit_loss_sums(spec: LogitLoss, s_logits: torch.Tensor, t_logits: Optional[torch.Tensor],
                     mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
                     topk_idx: Optional[torch.Tensor] = None,
-                    topk_logp: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    topk_logp: Optional[torch.Tensor] = None,
+                    teacher_owned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked sum of the per-token KD loss, masked sum of the per-token LM loss) over logits of any
     leading layout; `mask`, `labels`, `topk_*` in that layout. A term that is off is a 0 scalar. The KD
     term runs first: megatron's vocab-parallel cross-entropy works in place on the logits, so where the
     KD term's graph keeps them (top-k kinds pick the student logits with `gather`, which saves its input)
-    the cross-entropy gets its own copy."""
+    the cross-entropy gets its own copy. `teacher_owned`: `t_logits` may be overwritten
+    (losses.logit_kd_per_token)."""
     zero = torch.zeros((), dtype=torch.float32, device=s_logits.device)
     kd = zero
     if spec.kind is not None:
-        kd, _ = losses.masked_sum_and_count(_kd_per_token(spec, s_logits, t_logits, topk_idx, topk_logp), mask)
+        kd, _ = losses.masked_sum_and_count(
+            _kd_per_token(spec, s_logits, t_logits, topk_idx, topk_logp, teacher_owned), mask)
     lm = zero
     if spec.lm:
         ce_in = s_logits.clone() if spec.kind in ("topk", OFFLINE) else s_logits
@@ -97,7 +102,8 @@ def _chunk_sums(spec: LogitLoss, student, teacher, s_hidden, t_hidden, mask, lab
     if t_hidden is not None:
         with torch.no_grad():
             t_logits = output_logits(teacher, t_hidden)
-    kd, lm = logit_loss_sums(spec, s_logits, t_logits, mask, labels, topk_idx, topk_logp)
+    # the teacher's logits are made here for this loss alone: it may overwrite them
+    kd, lm = logit_loss_sums(spec, s_logits, t_logits, mask, labels, topk_idx, topk_logp, teacher_owned=True)
     return kd, lm
 
 

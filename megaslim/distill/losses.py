@@ -110,16 +110,21 @@ def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _log_softmax_no_grad(logits: torch.Tensor) -> torch.Tensor:
+def _log_softmax_no_grad(logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """log-softmax over the full (sharded) vocabulary with one new [..., V/TP] tensor: torch's fused kernel
-    at TP=1; else the shard minus the global log-normaliser, which only [..., 1] tensors build."""
+    at TP=1; else the shard minus the global log-normaliser, which only [..., 1] tensors build.
+    `inplace`: written into `logits` (a temporary is still made for the normaliser, then freed), so no
+    [..., V/TP] tensor outlives the call; for teacher logits made for this loss alone."""
     group, _, world = _tp()
-    if world == 1:
+    if world == 1 and not inplace:
         return torch.log_softmax(logits, dim=-1)
+    if world == 1:
+        return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
     m = _global_max(logits)
     sum_exp = (logits - m).exp_().sum(dim=-1, keepdim=True)  # logits - m: a temporary
     dist.all_reduce(sum_exp, group=group)
-    return logits - (m + sum_exp.log_())
+    log_z = m + sum_exp.log_()
+    return logits.sub_(log_z) if inplace else logits - log_z
 
 
 class _ForwardKL(torch.autograd.Function):
@@ -130,8 +135,8 @@ class _ForwardKL(torch.autograd.Function):
     costs a fresh allocation and a full memory pass)."""
 
     @staticmethod
-    def forward(ctx, student, teacher):
-        log_p = _log_softmax_no_grad(teacher)
+    def forward(ctx, student, teacher, teacher_owned=False):
+        log_p = _log_softmax_no_grad(teacher, inplace=teacher_owned)
         log_q = _log_softmax_no_grad(student)
         p = log_p.exp()
         kl = log_p.sub_(log_q).mul_(p).sum(dim=-1)  # in log p's storage: it is not needed again
@@ -150,7 +155,7 @@ class _ForwardKL(torch.autograd.Function):
             raise MegaslimError("the forward-KL loss cannot be back-propagated twice (retain_graph)")
         ctx.consumed = True
         (q_minus_p,) = ctx.saved_tensors
-        return q_minus_p.mul_(grad.unsqueeze(-1)), None
+        return q_minus_p.mul_(grad.unsqueeze(-1)), None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,15 +183,15 @@ def _prepare(logits: torch.Tensor, temperature: float, vocab_size: int) -> torch
     return mask_padded_vocab(logits if temperature == 1 else logits / temperature, vocab_size)
 
 
-def _reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def _reverse_kl(student: torch.Tensor, teacher: torch.Tensor, teacher_owned: bool) -> torch.Tensor:
     log_q = vocab_parallel_log_softmax(student)
-    log_p = _log_softmax_no_grad(teacher)
+    log_p = _log_softmax_no_grad(teacher, inplace=teacher_owned)
     return _sum_to_replicated((log_q.exp() * (log_q - log_p)).sum(dim=-1))
 
 
-def _jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+def _jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float, teacher_owned: bool) -> torch.Tensor:
     log_q = vocab_parallel_log_softmax(student)
-    log_p = _log_softmax_no_grad(teacher)
+    log_p = _log_softmax_no_grad(teacher, inplace=teacher_owned)
     # log m through logaddexp: stays finite at padded columns (p = q = 0), where log(0) would give
     # 0 * inf = NaN in p * (log p - log m).
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
@@ -228,7 +233,7 @@ def _topk_kl(student: torch.Tensor, teacher: torch.Tensor, k: int) -> torch.Tens
 
 def logit_kd_per_token(*, student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_size: int,
                        kind: str = "forward", temperature: float = 1.0, beta: float = 0.5,
-                       top_k: int | None = None) -> torch.Tensor:
+                       top_k: int | None = None, teacher_owned: bool = False) -> torch.Tensor:
     """Per-token logit distillation loss, shape `logits.shape[:-1]`, replicated on every TP rank.
 
     kind:
@@ -240,6 +245,8 @@ def logit_kd_per_token(*, student_logits: torch.Tensor, teacher_logits: torch.Te
       topk     KL(p_k || q_k) over the teacher's top_k tokens per position, both distributions
                renormalised over that set (softmax of the k logits): the tail is ignored
     All kinds are multiplied by temperature**2. Teacher logits are treated as constants (detached).
+    `teacher_owned`: the caller hands the teacher logits over (made for this loss alone): they may be
+    overwritten by their log-softmax, so one [tokens, vocab/TP] tensor fewer is alive during the loss.
     """
     if kind not in KD_KINDS:
         raise MegaslimError(f"unknown KD loss kind {kind!r}; choose one of {', '.join(KD_KINDS)}")
@@ -249,14 +256,14 @@ def logit_kd_per_token(*, student_logits: torch.Tensor, teacher_logits: torch.Te
     s = _prepare(student_logits, temperature, vocab_size)
     t = _prepare(teacher_logits.detach(), temperature, vocab_size)
     if kind == "forward":
-        loss = _ForwardKL.apply(s, t)
+        loss = _ForwardKL.apply(s, t, teacher_owned)
     elif kind == "reverse":
-        loss = _reverse_kl(s, t)
+        loss = _reverse_kl(s, t, teacher_owned)
     elif kind == "jsd":
         if not 0.0 < beta < 1.0:
             raise MegaslimError(f"JSD beta must be in (0, 1) (got {beta}); beta at 0 or 1 makes the "
                                 "loss vanish, use kind='forward' or 'reverse' instead")
-        loss = _jsd(s, t, beta)
+        loss = _jsd(s, t, beta, teacher_owned)
     else:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab_size:
             raise MegaslimError(f"top-k KD needs an integer top_k in [1, vocab_size={vocab_size}] "
