@@ -136,8 +136,8 @@ def main_guard(main: Callable[[], None]) -> None:
             print(f"error: {err}", file=sys.stderr, flush=True)
         elif dist.is_initialized() or os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"[rank {rank}] error: {err}", file=sys.stderr, flush=True)
-        else:  # a quiet rank that exits first makes torchrun stop rank 0 before it prints: let it speak
-            time.sleep(2)
+        if rank != "0":  # an other rank that exits first makes torchrun stop rank 0 before it prints
+            time.sleep(5)  # (it may still be cleaning up, e.g. removing a failed save): let it speak
         os._exit(2)
     except BaseException:  # noqa: BLE001 - report and bail out of every collective
         sys.stderr.write(f"[rank {rank}] " + traceback.format_exc())
