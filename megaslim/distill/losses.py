@@ -131,8 +131,9 @@ class _ForwardKL(torch.autograd.Function):
     """Per-token KL(p || q) from tempered, masked shards; fused so backward keeps one shard tensor.
 
     d KL / d student_logit_v = q_v - p_v on every rank's own shard: no communication in backward.
-    Three [..., V/TP] tensors are made (log p, log q, p); the rest is in place (each [tokens, vocab] tensor
-    costs a fresh allocation and a full memory pass)."""
+    Three [..., V/TP] tensors are made (log p, log q, p), two when the teacher's logits are owned (log p
+    then overwrites them); the rest, backward included, is in place (each [tokens, vocab] tensor costs a
+    fresh allocation and a full memory pass)."""
 
     @staticmethod
     def forward(ctx, student, teacher, teacher_owned=False):
